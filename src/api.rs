@@ -1,0 +1,254 @@
+//! REST routes of protocol v1, health, readiness, metrics and the dev-only token route.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mongodb::bson::{doc, oid::ObjectId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::auth::{bearer_token, is_valid_user_id, AuthError, Claims};
+use crate::error::AppError;
+use crate::protocol::{rfc3339, SendMessage};
+use crate::server::AppState;
+use crate::store::BufferedMessage;
+
+/// The caller, from `Authorization: Bearer <jwt>`.
+pub struct AuthUser(pub Claims);
+
+impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, AppError> {
+        let token = bearer_token(&parts.headers, None).ok_or(AuthError::Missing)?;
+        Ok(AuthUser(state.auth.verify(token)?))
+    }
+}
+
+/// `Json` whose rejection is the protocol's error body.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(AppError::BadRequest(r.body_text())),
+        }
+    }
+}
+
+/// `Query` whose rejection is the protocol's error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(AppError::BadRequest(r.body_text())),
+        }
+    }
+}
+
+fn require_admin(claims: &Claims) -> Result<(), AppError> {
+    if claims.is_admin() {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden("this route needs an admin token (role: admin)".into()))
+    }
+}
+
+/// `POST /api/messages`: the same acceptance as a `chat_message` frame.
+pub async fn send_message(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+    ApiJson(body): ApiJson<SendMessage>,
+) -> Result<Response, AppError> {
+    body.validate()?;
+    let msg = BufferedMessage::new(&claims.sub, &body.to, &body.chat_id, &body.message, body.client_msg_id);
+    let accepted = state.delivery.accept(msg).await?;
+    state.metrics.accepted_rest.increment(1);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": accepted.id.to_hex(), "timestamp": rfc3339(accepted.timestamp)})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+/// A buffered message as REST shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageView {
+    id: String,
+    from: String,
+    to: String,
+    chat_id: String,
+    message: String,
+    timestamp: String,
+    client_msg_id: Option<String>,
+    delivered: bool,
+    delivered_at: Option<String>,
+    delivered_by: Option<String>,
+    acked_at: Option<String>,
+}
+
+impl From<BufferedMessage> for MessageView {
+    fn from(m: BufferedMessage) -> Self {
+        MessageView {
+            id: m.id.to_hex(),
+            from: m.sender,
+            to: m.receiver,
+            chat_id: m.chat_id,
+            message: m.message,
+            timestamp: rfc3339(m.timestamp),
+            client_msg_id: m.client_msg_id,
+            delivered: m.delivered,
+            delivered_at: m.delivered_at.map(rfc3339),
+            delivered_by: m.delivered_by,
+            acked_at: m.acked_at.map(rfc3339),
+        }
+    }
+}
+
+fn check_user_path(user: &str) -> Result<(), AppError> {
+    if is_valid_user_id(user) {
+        Ok(())
+    } else {
+        Err(AppError::BadRequest("user ids are 1..=128 characters of [A-Za-z0-9_.@:-]".into()))
+    }
+}
+
+/// `GET /api/messages/buffered/{userId}`: that user's undelivered messages, oldest first.
+pub async fn list_buffered(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+    Path(user): Path<String>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    check_user_path(&user)?;
+    if claims.sub != user && !claims.is_admin() {
+        return Err(AppError::Forbidden("you can only read your own buffer".into()));
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(AppError::BadRequest("`limit` must be between 1 and 1000".into()));
+    }
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(a) => Some(ObjectId::parse_str(a).map_err(|_| AppError::BadRequest("`after` must be a 24-hex message id".into()))?),
+    };
+    let page = state.store.buffered_page(&user, after, limit).await?;
+    let next = if page.len() as i64 == limit {
+        page.last().map(|m| m.id.to_hex())
+    } else {
+        None
+    };
+    let messages: Vec<MessageView> = page.into_iter().map(MessageView::from).collect();
+    Ok(Json(json!({"userId": user, "messages": messages, "next": next})))
+}
+
+/// `DELETE /api/messages/buffered/{userId}` (admin): removes that user's undelivered messages.
+pub async fn clear_buffered(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+    Path(user): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_admin(&claims)?;
+    check_user_path(&user)?;
+    let deleted = state.store.delete_undelivered(&user).await?;
+    tracing::info!(admin = %claims.sub, user = %user, deleted, "buffer cleared");
+    Ok(Json(json!({"userId": user, "deleted": deleted})))
+}
+
+/// `GET /api/messages/buffer-stats` (admin).
+pub async fn buffer_stats(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+) -> Result<Json<serde_json::Value>, AppError> {
+    require_admin(&claims)?;
+    let counts = state.store.counts().await?;
+    let mut body = serde_json::to_value(counts).map_err(|_| AppError::Internal)?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("onlineUsers".into(), state.presence.online_users().into());
+        obj.insert("connections".into(), state.presence.connections().into());
+        obj.insert("instance".into(), state.instance.to_string().into());
+    }
+    Ok(Json(body))
+}
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 when MongoDB answers and the change stream runs, else 503.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let ping = tokio::time::timeout(
+        Duration::from_secs(2),
+        state.store.database().run_command(doc! {"ping": 1}),
+    )
+    .await;
+    let mongo = matches!(ping, Ok(Ok(_)));
+    let stream = state.stream_running();
+    let status = if mongo && stream {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": status == StatusCode::OK, "mongodb": mongo, "changeStream": stream, "instance": &*state.instance})),
+    )
+        .into_response()
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state
+        .metrics
+        .render(state.presence.connections(), state.presence.online_users());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+pub async fn not_found() -> AppError {
+    AppError::NotFound("no such route".into())
+}
+
+pub async fn dev_status() -> Json<serde_json::Value> {
+    Json(json!({"insecureDev": true}))
+}
+
+#[derive(Deserialize)]
+pub struct DevTokenRequest {
+    #[serde(rename = "userId")]
+    user_id: String,
+    #[serde(default)]
+    admin: bool,
+}
+
+/// `POST /dev/token` (only with `--insecure-dev`): a 24 h token for any valid name.
+pub async fn dev_token(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<DevTokenRequest>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    check_user_path(&req.user_id)?;
+    let token = state
+        .auth
+        .mint(&req.user_id, req.admin, Duration::from_secs(24 * 3600))
+        .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    Ok(Json(json!({"token": token})))
+}

@@ -1,0 +1,132 @@
+//! Metric names and handles, in one place.
+//!
+//! Each [`crate::Server`] owns its own Prometheus recorder (no process-global recorder), so
+//! two instances in one test process report separately. Handles are registered once and
+//! updated without a lookup on the hot path.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
+const META: Metadata<'static> = Metadata::new("msgbuf", Level::INFO, Some("msgbuf"));
+
+/// Which path put a message on a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryPath {
+    Live,
+    Drain,
+    Redelivery,
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    pub accepted_ws: Counter,
+    pub accepted_rest: Counter,
+    delivered_live: Counter,
+    delivered_drain: Counter,
+    delivered_redelivery: Counter,
+    pub claims_lost: Counter,
+    pub acks: Counter,
+    pub receipts: Counter,
+    pub delivery_latency: Histogram,
+    pub stream_lag: Histogram,
+    pub stream_events: Counter,
+    pub stream_resumes: Counter,
+    pub stream_history_lost: Counter,
+    pub checkpoints: Counter,
+    connections: Gauge,
+    online_users: Gauge,
+    pub queue_full_disconnects: Counter,
+    pub rate_limited: Counter,
+    pub protocol_errors: Counter,
+    pub cleanup_sweeps: Counter,
+    pub cleanup_deleted_delivered: Counter,
+    pub cleanup_deleted_undelivered: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        const LATENCY_BUCKETS: &[f64] = &[
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let r = &recorder;
+        let counter = |name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]| {
+            r.describe_counter(name.into(), None, help.into());
+            let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+            r.register_counter(&Key::from_parts(name, labels), &META)
+        };
+        let gauge = |name: &'static str, help: &'static str| {
+            r.describe_gauge(name.into(), None, help.into());
+            r.register_gauge(&Key::from_name(name), &META)
+        };
+        let histogram = |name: &'static str, help: &'static str| {
+            r.describe_histogram(name.into(), Some(Unit::Seconds), help.into());
+            r.register_histogram(&Key::from_name(name), &META)
+        };
+        const ACCEPTED: &str = "msgbuf_messages_accepted_total";
+        const DELIVERED: &str = "msgbuf_messages_delivered_total";
+        const ACCEPTED_HELP: &str = "Messages durably stored and acknowledged to the sender";
+        const DELIVERED_HELP: &str = "Messages written to a receiver socket and recorded, by path";
+        const DELETED: &str = "msgbuf_cleanup_deleted_total";
+        const DELETED_HELP: &str = "Messages removed by the cleanup sweep";
+        Metrics {
+            accepted_ws: counter(ACCEPTED, ACCEPTED_HELP, &[("via", "ws")]),
+            accepted_rest: counter(ACCEPTED, ACCEPTED_HELP, &[("via", "rest")]),
+            delivered_live: counter(DELIVERED, DELIVERED_HELP, &[("path", "live")]),
+            delivered_drain: counter(DELIVERED, DELIVERED_HELP, &[("path", "drain")]),
+            delivered_redelivery: counter(DELIVERED, DELIVERED_HELP, &[("path", "redelivery")]),
+            claims_lost: counter("msgbuf_claims_lost_total", "Delivery claims already taken by another instance", &[]),
+            acks: counter("msgbuf_acks_total", "Messages acknowledged by receivers", &[]),
+            receipts: counter("msgbuf_receipts_sent_total", "Receipt frames queued to sender sockets", &[]),
+            delivery_latency: histogram("msgbuf_delivery_latency_seconds", "Insert (acceptance) to push on a receiver socket, live path"),
+            stream_lag: histogram("msgbuf_stream_lag_seconds", "Now minus the change event's wall time"),
+            stream_events: counter("msgbuf_stream_events_total", "Change events handled", &[]),
+            stream_resumes: counter("msgbuf_stream_resumes_total", "Change stream (re)opened after an error", &[]),
+            stream_history_lost: counter("msgbuf_stream_history_lost_total", "Resume token no longer in the oplog; collection rescanned", &[]),
+            checkpoints: counter("msgbuf_stream_checkpoints_total", "Resume token checkpoints written", &[]),
+            connections: gauge("msgbuf_connections", "Open WebSocket connections on this instance"),
+            online_users: gauge("msgbuf_online_users", "Users with a joined session on this instance"),
+            queue_full_disconnects: counter("msgbuf_queue_full_disconnects_total", "Sockets closed because their outbound queue was full", &[]),
+            rate_limited: counter("msgbuf_rate_limited_total", "chat_message frames refused by the per-connection rate limit", &[]),
+            protocol_errors: counter("msgbuf_protocol_errors_total", "error events sent for bad client frames", &[]),
+            cleanup_sweeps: counter("msgbuf_cleanup_sweeps_total", "Cleanup sweeps run by this instance (lease held)", &[]),
+            cleanup_deleted_delivered: counter(DELETED, DELETED_HELP, &[("kind", "delivered")]),
+            cleanup_deleted_undelivered: counter(DELETED, DELETED_HELP, &[("kind", "undelivered")]),
+            recorder,
+        }
+    }
+
+    pub fn delivered(&self, path: DeliveryPath, n: u64) {
+        match path {
+            DeliveryPath::Live => &self.delivered_live,
+            DeliveryPath::Drain => &self.delivered_drain,
+            DeliveryPath::Redelivery => &self.delivered_redelivery,
+        }
+        .increment(n);
+    }
+
+    /// Counts one HTTP request by route template and status.
+    pub fn http_request(&self, route: &str, status: u16) {
+        self.recorder.describe_counter("msgbuf_http_requests_total".into(), None, "HTTP requests by route and status".into());
+        let labels = vec![Label::new("route", route.to_owned()), Label::new("status", status.to_string())];
+        self.recorder
+            .register_counter(&Key::from_parts("msgbuf_http_requests_total", labels), &META)
+            .increment(1);
+    }
+
+    /// Prometheus text, with the gauges read at scrape time.
+    pub fn render(&self, connections: usize, online_users: usize) -> String {
+        self.connections.set(connections as f64);
+        self.online_users.set(online_users as f64);
+        self.recorder.handle().render()
+    }
+}
