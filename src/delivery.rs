@@ -148,8 +148,9 @@ impl Delivery {
             for msg in self.store.overdue(chunk, self.ack_timeout, SWEEP_LIMIT).await? {
                 if msg.delivered {
                     if self.store.claim_redelivery(msg.id, msg.pushed_at).await? {
+                        // A re-send is meant to repeat an id: it skips the socket's duplicate check.
                         let frame: Utf8Bytes = protocol::frame("chat_message", &msg.to_wire(true)).into();
-                        if self.presence.push(&msg.receiver, &Outbound::Chat { id: msg.id, frame }) > 0 {
+                        if self.presence.push(&msg.receiver, &Outbound::Frame(frame)) > 0 {
                             self.metrics.delivered(DeliveryPath::Redelivery, 1);
                         }
                     }

@@ -280,7 +280,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_frames_map_to_event_or_error(event in prop_oneof![Just("join_chat"), Just("chat_message"), Just("ack"), "[a-z_]{0,12}"],
+        fn arbitrary_frames_map_to_event_or_error(event in prop_oneof![Just("join_chat".to_owned()), Just("chat_message".to_owned()), Just("ack".to_owned()), "[a-z_]{0,12}"],
                                                   to in ".{0,140}", chat in ".{0,140}", msg in ".{0,200}", ids in proptest::collection::vec(".{0,30}", 0..4)) {
             let v = serde_json::json!({"event": event, "data": {"to": to, "chatId": chat, "message": msg, "ids": ids}});
             match decode(&v.to_string()) {

@@ -453,7 +453,7 @@ function renderBuffered(user, messages, page) {
     el(
       'tr',
       { dataset: { id: m.id || '', delivered: m.delivered ? 'true' : 'false' } },
-      el('td', { class: 'mono', title: m.id || '', text: shortId(m.id) }),
+      el('td', { class: 'mono nowrap', title: m.id || '', text: shortId(m.id) }),
       el('td', { text: m.from ?? '' }),
       el('td', { text: m.chatId ?? '' }),
       el('td', { class: 'msg-text', text: m.message ?? '' }),

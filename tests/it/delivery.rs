@@ -1,0 +1,311 @@
+//! Issue: core delivery pipeline — two instances in one test, a real replica set.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use msgbuf::client::{ClientError, WsClient};
+use serde_json::Value;
+
+use crate::common::*;
+
+async fn two_instances(rs: &ReplicaSet, db: &str) -> (Instance, Instance) {
+    let a = Instance::start(test_config(rs, db, "A")).await;
+    let b = Instance::start(test_config(rs, db, "B")).await;
+    (a, b)
+}
+
+async fn send(c: &mut WsClient, to: &str, text: &str, client_id: Option<&str>) -> Value {
+    c.chat(to, "chat-1", text, client_id).await.expect("send");
+    let ev = c.expect("message_accepted", T).await.expect("accepted");
+    ev.data
+}
+
+async fn doc_of(rs: &ReplicaSet, db: &str, id: &str) -> Document {
+    let oid = ObjectId::parse_str(id).expect("oid");
+    messages(rs, db).await.find_one(doc! {"_id": oid}).await.expect("find").expect("stored")
+}
+
+#[tokio::test]
+async fn live_delivery_across_instances_is_claimed_once_and_acked_with_a_receipt() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("live_cross");
+    let (a, b) = two_instances(&rs, &db).await;
+    let (mut bob, joined) = b.join("bob").await;
+    assert_eq!(joined["instance"], "B");
+    let (mut alice, _) = a.join("alice").await;
+
+    let accepted = send(&mut alice, "bob", "hello bob", Some("m1")).await;
+    let id = accepted["id"].as_str().expect("id").to_owned();
+    assert_eq!(accepted["clientMsgId"], "m1");
+    let got = bob.expect("chat_message", T).await.expect("live message").data;
+    assert_eq!((got["id"].as_str(), got["from"].as_str(), got["message"].as_str()), (Some(id.as_str()), Some("alice"), Some("hello bob")));
+
+    let stored = wait_for("the claim", T, || async {
+        let d = doc_of(&rs, &db, &id).await;
+        d.get_bool("delivered").unwrap_or(false).then_some(d)
+    })
+    .await;
+    assert_eq!(stored.get_str("deliveredBy").ok(), Some("B"));
+
+    bob.ack(std::slice::from_ref(&id)).await.expect("ack");
+    let receipt = alice.expect("receipt", T).await.expect("receipt").data;
+    assert_eq!((receipt["id"].as_str(), receipt["status"].as_str()), (Some(id.as_str()), Some("delivered")));
+    assert!(doc_of(&rs, &db, &id).await.get_datetime("ackedAt").is_ok());
+}
+
+#[tokio::test]
+async fn offline_receiver_gets_all_fifty_oldest_first_once_on_either_instance() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("offline_drain");
+    let (a, b) = two_instances(&rs, &db).await;
+    let (mut alice, _) = a.join("alice").await;
+    let (mut carol, _) = b.join("carol").await;
+    let mut sent = Vec::new();
+    for i in 0..50 {
+        let c = if i % 2 == 0 { &mut alice } else { &mut carol };
+        sent.push(send(c, "bob", &format!("m{i}"), None).await["id"].as_str().expect("id").to_owned());
+    }
+    let (mut bob, joined) = b.join("bob").await;
+    assert_eq!(joined["pending"], 50);
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        got.push(bob.expect("chat_message", T).await.expect("drained").data["id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(got, sent, "all 50, oldest first, each once");
+    let coll = messages(&rs, &db).await;
+    wait_for("all 50 claimed", T, || async {
+        (coll.count_documents(doc! {"receiver": "bob", "delivered": true}).await.ok()? == 50).then_some(())
+    })
+    .await;
+    assert!(matches!(bob.next_event(Duration::from_millis(300)).await, Err(ClientError::Timeout(_))), "nothing more");
+}
+
+#[tokio::test]
+async fn every_socket_of_the_receiver_gets_a_live_message_and_one_claim_is_recorded() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("three_sockets");
+    let (a, b) = two_instances(&rs, &db).await;
+    let (mut s1, _) = a.join("bob").await;
+    let (mut s2, _) = a.join("bob").await;
+    let (mut s3, _) = b.join("bob").await;
+    let (mut alice, _) = b.join("alice").await;
+    let id = send(&mut alice, "bob", "to all devices", None).await["id"].as_str().expect("id").to_owned();
+    for s in [&mut s1, &mut s2, &mut s3] {
+        assert_eq!(s.expect("chat_message", T).await.expect("live").data["id"], id.as_str());
+    }
+    let d = wait_for("the claim", T, || async {
+        let d = doc_of(&rs, &db, &id).await;
+        d.get_bool("delivered").unwrap_or(false).then_some(d)
+    })
+    .await;
+    assert!(["A", "B"].contains(&d.get_str("deliveredBy").expect("deliveredBy")));
+    let claimed: f64 = [&a, &b].iter().map(|i| delivered_live(&i.state)).sum();
+    assert_eq!(claimed, 1.0, "exactly one claim recorded across instances");
+}
+
+fn delivered_live(state: &msgbuf::AppState) -> f64 {
+    metric(&state.metrics.render(0, 0), "msgbuf_messages_delivered_total{path=\"live\"}")
+}
+
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_same_client_msg_id_twice_gives_one_document_and_the_same_id() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("idempotent");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut alice, _) = a.join("alice").await;
+    let first = send(&mut alice, "bob", "once", Some("k-1")).await;
+    let second = send(&mut alice, "bob", "once", Some("k-1")).await;
+    assert_eq!(first["id"], second["id"]);
+    let n = messages(&rs, &db).await.count_documents(doc! {"clientMsgId": "k-1"}).await.expect("count");
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_restarted_instance_resumes_from_its_checkpoint_and_misses_nothing() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("restart_resume");
+    let (a, b) = two_instances(&rs, &db).await;
+    let checkpoints = rs.client().await.database(&db).collection::<Document>(msgbuf::store::CHECKPOINTS);
+    wait_for("B's first checkpoint", T, || async { checkpoints.find_one(doc! {"_id": "B"}).await.ok().flatten() }).await;
+    b.stop().await;
+    let (mut alice, _) = a.join("alice").await;
+    let mut sent = HashSet::new();
+    for i in 0..20 {
+        sent.insert(send(&mut alice, "bob", &format!("while B was down {i}"), None).await["id"].as_str().expect("id").to_owned());
+    }
+    let b = Instance::start(test_config(&rs, &db, "B")).await;
+    let resumes = metric(&b.state.metrics.render(0, 0), "msgbuf_stream_history_lost_total");
+    assert_eq!(resumes, 0.0, "resumed from the checkpoint without history loss");
+    let (mut bob, joined) = b.join("bob").await;
+    assert_eq!(joined["pending"], 20);
+    let mut got = HashSet::new();
+    while got.len() < 20 {
+        got.insert(bob.expect("chat_message", T).await.expect("message").data["id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(got, sent);
+    // Live delivery on the resumed stream.
+    let id = send(&mut alice, "bob", "after restart", None).await["id"].as_str().expect("id").to_owned();
+    assert_eq!(bob.expect("chat_message", T).await.expect("live").data["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next_join() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("slow_reader");
+    let mut config = test_config(&rs, &db, "A");
+    config.queue_capacity = 16;
+    config.rate_limit = 100_000;
+    config.rate_burst = 100_000;
+    let a = Instance::start(config).await;
+    let (mut bob, _) = a.join("bob").await;
+    let (mut alice, _) = a.join("alice").await;
+    // Far more than the queue (16) plus what the kernel's socket buffers hold.
+    let big = "x".repeat(8000);
+    let total = 600;
+    for i in 0..total {
+        alice.chat("bob", "c", &format!("{i}{big}"), Some(&format!("k{i}"))).await.expect("send");
+    }
+    let mut accepted = 0;
+    while accepted < total {
+        if alice.expect("message_accepted", T).await.is_ok() {
+            accepted += 1;
+        }
+    }
+    let disconnects = wait_for("the queue-full disconnect", T, || async {
+        let n = metric(&a.state.metrics.render(0, 0), "msgbuf_queue_full_disconnects_total");
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    assert_eq!(disconnects, 1.0);
+    // Bob's socket was closed with 4001 once he reads what is buffered.
+    let mut read = HashSet::new();
+    let code = loop {
+        match bob.next_event(T).await {
+            Ok(ev) if ev.event == "chat_message" => {
+                read.insert(ev.data["id"].as_str().expect("id").to_owned());
+            }
+            Ok(_) => {}
+            Err(ClientError::Closed(code)) => break code,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    };
+    assert_eq!(code, Some(4001));
+    let (mut bob, joined) = a.join("bob").await;
+    let pending = joined["pending"].as_u64().expect("pending") as usize;
+    assert!(pending > 0 && pending <= total, "the rest waits in MongoDB: {pending}");
+    let mut rest = HashSet::new();
+    while rest.len() < pending {
+        rest.insert(bob.expect("chat_message", T).await.expect("drained").data["id"].as_str().expect("id").to_owned());
+    }
+    let all: HashSet<_> = read.union(&rest).collect();
+    assert_eq!(all.len(), total, "every message reached bob across the two sessions");
+}
+
+#[tokio::test]
+async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_in_order() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("thousand");
+    let (a, b) = two_instances(&rs, &db).await;
+    let mut receivers = Vec::new();
+    for r in 0..10 {
+        let inst = if r % 2 == 0 { &a } else { &b };
+        receivers.push(inst.join(&format!("r{r}")).await.0);
+    }
+    let mut senders = Vec::new();
+    for s in 0..10 {
+        let inst = if s % 2 == 0 { &b } else { &a };
+        let (mut c, _) = inst.join(&format!("s{s}")).await;
+        senders.push(tokio::spawn(async move {
+            for i in 0..100 {
+                c.chat(&format!("r{}", i % 10), "c", &format!("{s}:{i}"), None).await.expect("send");
+            }
+            for _ in 0..100 {
+                c.expect("message_accepted", T).await.expect("accepted");
+            }
+            c
+        }));
+    }
+    let mut readers = Vec::new();
+    for (r, mut c) in receivers.into_iter().enumerate() {
+        readers.push(tokio::spawn(async move {
+            let mut per_sender: HashMap<String, Vec<u32>> = HashMap::new();
+            let mut ids = HashSet::new();
+            while ids.len() < 100 {
+                let ev = c.expect("chat_message", Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("r{r}: {e}"));
+                assert!(ids.insert(ev.data["id"].as_str().expect("id").to_owned()), "duplicate on r{r}");
+                let (s, i) = ev.data["message"].as_str().expect("text").split_once(':').expect("s:i");
+                per_sender.entry(s.to_owned()).or_default().push(i.parse().expect("i"));
+            }
+            per_sender
+        }));
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    for r in readers {
+        let per_sender = r.await.expect("reader");
+        assert_eq!(per_sender.len(), 10);
+        for seq in per_sender.values() {
+            assert!(seq.windows(2).all(|w| w[0] < w[1]), "per-sender order: {seq:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_drain_query_uses_an_index() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("explain");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
+    let explain = rs
+        .client()
+        .await
+        .database(&db)
+        .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": filter, "sort": {"_id": 1}}, "verbosity": "queryPlanner"})
+        .await
+        .expect("explain");
+    let plan = explain.get_document("queryPlanner").expect("plan").get_document("winningPlan").expect("winning").to_string();
+    assert!(plan.contains("IXSCAN"), "drain uses an index scan: {plan}");
+    assert!(!plan.contains("COLLSCAN"), "no collection scan: {plan}");
+    let indexes: Vec<String> = messages(&rs, &db).await.list_index_names().await.expect("indexes");
+    for name in ["receiver_1", "delivered_1", "receiver_1_delivered_1", "receiver_1_delivered_1__id_1", "sender_1_clientMsgId_1", "deliveredAt_ttl"] {
+        assert!(indexes.contains(&name.to_owned()), "{name} in {indexes:?}");
+    }
+    drop(a);
+}
+
+#[tokio::test]
+async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("redelivery");
+    let mut config = test_config(&rs, &db, "A");
+    config.ack_timeout = Duration::from_secs(1);
+    let a = Instance::start(config).await;
+    let (mut bob, _) = a.join("bob").await;
+    let (mut alice, _) = a.join("alice").await;
+    let id = send(&mut alice, "bob", "ack me", None).await["id"].as_str().expect("id").to_owned();
+    let first = bob.expect("chat_message", T).await.expect("live").data;
+    assert_eq!(first["redelivery"], Value::Null);
+    // No ack: the sweep re-sends it, marked, on the same socket.
+    let again = bob.expect("chat_message", T).await.expect("redelivered").data;
+    assert_eq!((again["id"].as_str(), again["redelivery"].as_bool()), (Some(id.as_str()), Some(true)));
+    bob.ack(&[id.clone()]).await.expect("ack");
+    let coll = messages(&rs, &db).await;
+    let oid = ObjectId::parse_str(&id).expect("oid");
+    wait_for("the ack", T, || async {
+        coll.find_one(doc! {"_id": oid, "ackedAt": {"$ne": null}}).await.ok().flatten()
+    })
+    .await;
+    let docs: Vec<Document> = coll.find(doc! {}).await.expect("find").try_collect().await.expect("docs");
+    assert_eq!(docs.len(), 1);
+}

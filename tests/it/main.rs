@@ -1,0 +1,9 @@
+//! Integration tests against real MongoDB replica sets (see tests/common for the harness).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api;
+mod delivery;
+mod harness;
+mod hostile;
