@@ -204,7 +204,21 @@ impl EmbeddedMongod {
             }
             Err(e) => return Err(e).context("replSetGetConfig"),
         }
-        wait_for_primary(&admin, deadline).await?;
+        // PRIMARY in the status is not yet writable (drain mode): wait for `hello` to say so.
+        loop {
+            let writable = admin
+                .run_command(doc! {"hello": 1})
+                .await
+                .map(|h| h.get_bool("isWritablePrimary").unwrap_or(false))
+                .unwrap_or(false);
+            if writable {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("the embedded replica set did not become writable; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Ok(EmbeddedMongod {
             child,
             uri: format!("mongodb://{host}/?directConnection=true"),

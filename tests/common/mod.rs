@@ -364,7 +364,10 @@ pub async fn http(method: &str, url: &str, token: Option<&str>, body: Option<&st
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http url");
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
+    // Status 0: nothing listens (yet).
+    let Ok(mut s) = tokio::net::TcpStream::connect(host).await else {
+        return (0, String::new());
+    };
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -375,9 +378,10 @@ pub async fn http(method: &str, url: &str, token: Option<&str>, body: Option<&st
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).await.expect("write");
     let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
+    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_end(&mut out).await.is_err() {
+        return (0, String::new());
+    }
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
