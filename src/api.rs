@@ -25,7 +25,10 @@ pub struct AuthUser(pub Claims);
 impl FromRequestParts<Arc<AppState>> for AuthUser {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, AppError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, AppError> {
         let token = bearer_token(&parts.headers, None).ok_or(AuthError::Missing)?;
         Ok(AuthUser(state.auth.verify(token)?))
     }
@@ -63,7 +66,9 @@ fn require_admin(claims: &Claims) -> Result<(), AppError> {
     if claims.is_admin() {
         Ok(())
     } else {
-        Err(AppError::Forbidden("this route needs an admin token (role: admin)".into()))
+        Err(AppError::Forbidden(
+            "this route needs an admin token (role: admin)".into(),
+        ))
     }
 }
 
@@ -74,7 +79,13 @@ pub async fn send_message(
     ApiJson(body): ApiJson<SendMessage>,
 ) -> Result<Response, AppError> {
     body.validate()?;
-    let msg = BufferedMessage::new(&claims.sub, &body.to, &body.chat_id, &body.message, body.client_msg_id);
+    let msg = BufferedMessage::new(
+        &claims.sub,
+        &body.to,
+        &body.chat_id,
+        &body.message,
+        body.client_msg_id,
+    );
     let accepted = state.delivery.accept(msg).await?;
     state.metrics.accepted_rest.increment(1);
     Ok((
@@ -130,7 +141,9 @@ fn check_user_path(user: &str) -> Result<(), AppError> {
     if is_valid_user_id(user) {
         Ok(())
     } else {
-        Err(AppError::BadRequest("user ids are 1..=128 characters of [A-Za-z0-9_.@:-]".into()))
+        Err(AppError::BadRequest(
+            "user ids are 1..=128 characters of [A-Za-z0-9_.@:-]".into(),
+        ))
     }
 }
 
@@ -143,15 +156,22 @@ pub async fn list_buffered(
 ) -> Result<Json<serde_json::Value>, AppError> {
     check_user_path(&user)?;
     if claims.sub != user && !claims.is_admin() {
-        return Err(AppError::Forbidden("you can only read your own buffer".into()));
+        return Err(AppError::Forbidden(
+            "you can only read your own buffer".into(),
+        ));
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(AppError::BadRequest("`limit` must be between 1 and 1000".into()));
+        return Err(AppError::BadRequest(
+            "`limit` must be between 1 and 1000".into(),
+        ));
     }
     let after = match q.after.as_deref() {
         None => None,
-        Some(a) => Some(ObjectId::parse_str(a).map_err(|_| AppError::BadRequest("`after` must be a 24-hex message id".into()))?),
+        Some(a) => Some(
+            ObjectId::parse_str(a)
+                .map_err(|_| AppError::BadRequest("`after` must be a 24-hex message id".into()))?,
+        ),
     };
     let page = state.store.buffered_page(&user, after, limit).await?;
     let next = if page.len() as i64 == limit {
@@ -160,7 +180,9 @@ pub async fn list_buffered(
         None
     };
     let messages: Vec<MessageView> = page.into_iter().map(MessageView::from).collect();
-    Ok(Json(json!({"userId": user, "messages": messages, "next": next})))
+    Ok(Json(
+        json!({"userId": user, "messages": messages, "next": next}),
+    ))
 }
 
 /// `DELETE /api/messages/buffered/{userId}` (admin): removes that user's undelivered messages.
@@ -221,7 +243,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let body = state
         .metrics
         .render(state.presence.connections(), state.presence.online_users());
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> AppError {

@@ -101,13 +101,15 @@ impl Auth {
 /// User ids: 1..=128 characters of `[A-Za-z0-9_.@:-]`.
 pub fn is_valid_user_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b':' | b'-'))
 }
 
 /// The bearer token of a request: the `Authorization` header, else `?token=`.
-pub fn bearer_token<'a>(headers: &'a axum::http::HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+pub fn bearer_token<'a>(
+    headers: &'a axum::http::HeaderMap,
+    query: Option<&'a str>,
+) -> Option<&'a str> {
     if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         return value.strip_prefix("Bearer ").map(str::trim);
@@ -132,7 +134,9 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let auth = Auth::new("s3cret", None, None);
-        let token = auth.mint("alice", true, Duration::from_secs(60)).expect("mint");
+        let token = auth
+            .mint("alice", true, Duration::from_secs(60))
+            .expect("mint");
         let claims = auth.verify(&token).expect("verify");
         assert_eq!(claims.sub, "alice");
         assert!(claims.is_admin());

@@ -26,7 +26,12 @@ pub async fn ensure_ttl_index(store: &Store, retention: Duration) -> Result<(), 
     let mut cursor = store.raw().list_indexes().await?;
     while let Some(index) = cursor.try_next().await? {
         if index.options.as_ref().and_then(|o| o.name.as_deref()) == Some(TTL_INDEX) {
-            existing = Some(index.options.and_then(|o| o.expire_after).map(|d| d.as_secs() as i64));
+            existing = Some(
+                index
+                    .options
+                    .and_then(|o| o.expire_after)
+                    .map(|d| d.as_secs() as i64),
+            );
         }
     }
     match existing {
@@ -41,7 +46,10 @@ pub async fn ensure_ttl_index(store: &Store, retention: Duration) -> Result<(), 
                 )
                 .build();
             store.raw().create_index(model).await?;
-            tracing::info!(expire_after_seconds = seconds, "created TTL index on deliveredAt");
+            tracing::info!(
+                expire_after_seconds = seconds,
+                "created TTL index on deliveredAt"
+            );
         }
         Some(Some(current)) if current == seconds => {}
         Some(current) => {
@@ -97,8 +105,15 @@ pub async fn try_sweep(state: &AppState) -> Result<Sweep, StoreError> {
     m.cleanup_sweeps.increment(1);
     m.cleanup_deleted_delivered.increment(delivered);
     m.cleanup_deleted_undelivered.increment(undelivered);
-    tracing::info!(delivered, undelivered, "cleanup sweep removed expired messages");
-    Ok(Sweep::Ran { delivered, undelivered })
+    tracing::info!(
+        delivered,
+        undelivered,
+        "cleanup sweep removed expired messages"
+    );
+    Ok(Sweep::Ran {
+        delivered,
+        undelivered,
+    })
 }
 
 /// Takes the lease if it is free or expired (or already ours).
@@ -117,7 +132,9 @@ async fn acquire_lease(store: &Store, instance: &str, hold: Duration) -> Result<
     match result {
         Ok(r) => Ok(r.matched_count == 1 || r.upserted_id.is_some()),
         // The upsert collided with a live lease of another instance.
-        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000) => Ok(false),
+        Err(e) if matches!(e.kind.as_ref(), mongodb::error::ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) if w.code == 11000) => {
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }

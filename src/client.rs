@@ -46,12 +46,14 @@ impl WsClient {
             .read_buffer_size(8 * 1024)
             .write_buffer_size(0)
             .max_message_size(Some(1 << 20));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
         Ok(WsClient { ws })
     }
 
     pub async fn send_event(&mut self, event: &str, data: Value) -> Result<(), ClientError> {
-        self.send_raw(json!({"event": event, "data": data}).to_string()).await
+        self.send_raw(json!({"event": event, "data": data}).to_string())
+            .await
     }
 
     pub async fn send_raw(&mut self, text: String) -> Result<(), ClientError> {
@@ -75,13 +77,16 @@ impl WsClient {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(t.as_str()).map_err(|_| ClientError::Unexpected(t.to_string()))?;
+                    let v: Value = serde_json::from_str(t.as_str())
+                        .map_err(|_| ClientError::Unexpected(t.to_string()))?;
                     return Ok(Event {
                         event: v["event"].as_str().unwrap_or_default().to_owned(),
                         data: v["data"].clone(),
                     });
                 }
-                Some(Ok(Message::Close(frame))) => return Err(ClientError::Closed(frame.map(|f| f.code.into()))),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ClientError::Closed(frame.map(|f| f.code.into())))
+                }
                 Some(Ok(_)) => continue,
             }
         }
@@ -107,7 +112,13 @@ impl WsClient {
         Ok(self.expect("joined", timeout).await?.data)
     }
 
-    pub async fn chat(&mut self, to: &str, chat_id: &str, message: &str, client_msg_id: Option<&str>) -> Result<(), ClientError> {
+    pub async fn chat(
+        &mut self,
+        to: &str,
+        chat_id: &str,
+        message: &str,
+        client_msg_id: Option<&str>,
+    ) -> Result<(), ClientError> {
         let mut data = json!({"to": to, "chatId": chat_id, "message": message});
         if let Some(id) = client_msg_id {
             data["clientMsgId"] = json!(id);

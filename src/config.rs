@@ -140,5 +140,6 @@ impl Config {
 
 /// Durations are written like `30s`, `250ms`, `7days`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 30s, 5m, 24h, 7days)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like 30s, 5m, 24h, 7days)"))
 }

@@ -63,7 +63,13 @@ impl Delivery {
             })
             .collect();
         let (claims, claim_rx) = mpsc::channel(16 * MAX_CLAIM_BATCH);
-        tracker.spawn(claim_loop(store.clone(), instance.clone(), metrics.clone(), claim_rx, cancel.clone()));
+        tracker.spawn(claim_loop(
+            store.clone(),
+            instance.clone(),
+            metrics.clone(),
+            claim_rx,
+            cancel.clone(),
+        ));
         Arc::new(Delivery {
             store,
             instance,
@@ -107,10 +113,14 @@ impl Delivery {
             return;
         }
         let frame: Utf8Bytes = protocol::frame("chat_message", &msg.to_wire(false)).into();
-        let pushed = self.presence.push(&msg.receiver, &Outbound::Chat { id: msg.id, frame });
+        let pushed = self
+            .presence
+            .push(&msg.receiver, &Outbound::Chat { id: msg.id, frame });
         if pushed > 0 {
             let age_ms = DateTime::now().timestamp_millis() - msg.timestamp.timestamp_millis();
-            self.metrics.delivery_latency.record(age_ms.max(0) as f64 / 1000.0);
+            self.metrics
+                .delivery_latency
+                .record(age_ms.max(0) as f64 / 1000.0);
             self.claim_later(&[msg.id], DeliveryPath::Live).await;
         }
     }
@@ -145,11 +155,16 @@ impl Delivery {
     pub async fn sweep(&self) -> Result<(), StoreError> {
         let users = self.presence.joined_users();
         for chunk in users.chunks(SWEEP_USERS_PER_QUERY) {
-            for msg in self.store.overdue(chunk, self.ack_timeout, SWEEP_LIMIT).await? {
+            for msg in self
+                .store
+                .overdue(chunk, self.ack_timeout, SWEEP_LIMIT)
+                .await?
+            {
                 if msg.delivered {
                     if self.store.claim_redelivery(msg.id, msg.pushed_at).await? {
                         // A re-send is meant to repeat an id: it skips the socket's duplicate check.
-                        let frame: Utf8Bytes = protocol::frame("chat_message", &msg.to_wire(true)).into();
+                        let frame: Utf8Bytes =
+                            protocol::frame("chat_message", &msg.to_wire(true)).into();
                         if self.presence.push(&msg.receiver, &Outbound::Frame(frame)) > 0 {
                             self.metrics.delivered(DeliveryPath::Redelivery, 1);
                         }
@@ -186,7 +201,11 @@ impl Delivery {
 
     async fn push_and_claim(&self, msg: &BufferedMessage, path: DeliveryPath) {
         let frame: Utf8Bytes = protocol::frame("chat_message", &msg.to_wire(false)).into();
-        if self.presence.push(&msg.receiver, &Outbound::Chat { id: msg.id, frame }) > 0 {
+        if self
+            .presence
+            .push(&msg.receiver, &Outbound::Chat { id: msg.id, frame })
+            > 0
+        {
             self.claim_later(&[msg.id], path).await;
         }
     }
@@ -272,8 +291,16 @@ async fn claim_loop(
                 Err(_) => break,
             }
         }
-        for path in [DeliveryPath::Live, DeliveryPath::Drain, DeliveryPath::Redelivery] {
-            let ids: Vec<ObjectId> = batch.iter().filter(|(_, p)| *p == path).map(|(id, _)| *id).collect();
+        for path in [
+            DeliveryPath::Live,
+            DeliveryPath::Drain,
+            DeliveryPath::Redelivery,
+        ] {
+            let ids: Vec<ObjectId> = batch
+                .iter()
+                .filter(|(_, p)| *p == path)
+                .map(|(id, _)| *id)
+                .collect();
             if ids.is_empty() {
                 continue;
             }
@@ -282,7 +309,9 @@ async fn claim_loop(
                 match store.claim(&ids, &instance).await {
                     Ok(won) => {
                         metrics.delivered(path, won);
-                        metrics.claims_lost.increment(ids.len() as u64 - won.min(ids.len() as u64));
+                        metrics
+                            .claims_lost
+                            .increment(ids.len() as u64 - won.min(ids.len() as u64));
                         break;
                     }
                     // Unclaimed messages stay `delivered: false` and are drained again on the

@@ -14,7 +14,11 @@ use msgbuf::Server;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "msgbuf", version, about = "Real-time chat delivery with a MongoDB-backed offline buffer")]
+#[command(
+    name = "msgbuf",
+    version,
+    about = "Real-time chat delivery with a MongoDB-backed offline buffer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -77,7 +81,9 @@ fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MSGBUF_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,mongodb=warn"));
     let json = std::env::var("MSGBUF_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -91,11 +97,25 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Command::Serve(config) => serve(config).await,
-        Command::Token { user, admin, ttl, secret, audience, issuer } => {
-            println!("{}", Auth::new(&secret, audience, issuer).mint(&user, admin, ttl)?);
+        Command::Token {
+            user,
+            admin,
+            ttl,
+            secret,
+            audience,
+            issuer,
+        } => {
+            println!(
+                "{}",
+                Auth::new(&secret, audience, issuer).mint(&user, admin, ttl)?
+            );
             Ok(())
         }
-        Command::InitReplicaSet { members, set_name, timeout } => {
+        Command::InitReplicaSet {
+            members,
+            set_name,
+            timeout,
+        } => {
             mongo::init_replica_set(&members, &set_name, timeout).await?;
             println!("replica set {set_name} has a PRIMARY");
             Ok(())
@@ -105,9 +125,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck { url } => healthcheck(&url),
-        Command::Smoke { sender_url, receiver_url, secret, count, timeout } => {
-            smoke(&sender_url, &receiver_url, &secret, count, timeout).await
-        }
+        Command::Smoke {
+            sender_url,
+            receiver_url,
+            secret,
+            count,
+            timeout,
+        } => smoke(&sender_url, &receiver_url, &secret, count, timeout).await,
     }
 }
 
@@ -122,7 +146,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                      run scripts/setup-mongod, or point MSGBUF_MONGODB_URI at a replica set"
                 );
             };
-            let managed = EmbeddedMongod::start(&mongod, &config.data_dir, config.embedded_port).await?;
+            let managed =
+                EmbeddedMongod::start(&mongod, &config.data_dir, config.embedded_port).await?;
             tracing::info!(
                 mongod = %mongod.display(),
                 data = %config.data_dir.display(),
@@ -168,8 +193,12 @@ async fn wait_for_signal() {
 /// A plain HTTP/1.0 GET; enough for a health check and needs no client library in the image.
 fn healthcheck(url: &str) -> anyhow::Result<()> {
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut stream = std::net::TcpStream::connect(host).with_context(|| format!("connecting {host}"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream =
+        std::net::TcpStream::connect(host).with_context(|| format!("connecting {host}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
     let mut response = String::new();
@@ -177,11 +206,20 @@ fn healthcheck(url: &str) -> anyhow::Result<()> {
     if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") {
         Ok(())
     } else {
-        bail!("unhealthy: {}", response.lines().next().unwrap_or("no answer"))
+        bail!(
+            "unhealthy: {}",
+            response.lines().next().unwrap_or("no answer")
+        )
     }
 }
 
-async fn smoke(sender_url: &str, receiver_url: &str, secret: &str, count: usize, timeout: Duration) -> anyhow::Result<()> {
+async fn smoke(
+    sender_url: &str,
+    receiver_url: &str,
+    secret: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let auth = Auth::new(secret, None, None);
     let run = std::process::id();
     let (alice, bob) = (format!("smoke-alice-{run}"), format!("smoke-bob-{run}"));
@@ -195,14 +233,22 @@ async fn smoke(sender_url: &str, receiver_url: &str, secret: &str, count: usize,
     for i in 0..count {
         // Retry with the same clientMsgId until accepted (an election may be under way).
         loop {
-            tx.chat(&bob, "smoke", &format!("smoke message {i}"), Some(&format!("smoke-{i}"))).await?;
+            tx.chat(
+                &bob,
+                "smoke",
+                &format!("smoke message {i}"),
+                Some(&format!("smoke-{i}")),
+            )
+            .await?;
             let ev = tx.next_event(left()).await?;
             match ev.event.as_str() {
                 "message_accepted" => {
                     accepted.insert(ev.data["id"].as_str().unwrap_or_default().to_owned());
                     break;
                 }
-                "error" if ev.data["code"] == "unavailable" => tokio::time::sleep(Duration::from_millis(250)).await,
+                "error" if ev.data["code"] == "unavailable" => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
                 _ => bail!("unexpected answer to a send: {} {}", ev.event, ev.data),
             }
         }

@@ -52,18 +52,20 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         const LATENCY_BUCKETS: &[f64] = &[
-            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
         ];
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let r = &recorder;
-        let counter = |name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]| {
-            r.describe_counter(name.into(), None, help.into());
-            let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
-            r.register_counter(&Key::from_parts(name, labels), &META)
-        };
+        let counter =
+            |name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]| {
+                r.describe_counter(name.into(), None, help.into());
+                let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+                r.register_counter(&Key::from_parts(name, labels), &META)
+            };
         let gauge = |name: &'static str, help: &'static str| {
             r.describe_gauge(name.into(), None, help.into());
             r.register_gauge(&Key::from_name(name), &META)
@@ -84,21 +86,73 @@ impl Metrics {
             delivered_live: counter(DELIVERED, DELIVERED_HELP, &[("path", "live")]),
             delivered_drain: counter(DELIVERED, DELIVERED_HELP, &[("path", "drain")]),
             delivered_redelivery: counter(DELIVERED, DELIVERED_HELP, &[("path", "redelivery")]),
-            claims_lost: counter("msgbuf_claims_lost_total", "Delivery claims already taken by another instance", &[]),
-            acks: counter("msgbuf_acks_total", "Messages acknowledged by receivers", &[]),
-            receipts: counter("msgbuf_receipts_sent_total", "Receipt frames queued to sender sockets", &[]),
-            delivery_latency: histogram("msgbuf_delivery_latency_seconds", "Insert (acceptance) to push on a receiver socket, live path"),
-            stream_lag: histogram("msgbuf_stream_lag_seconds", "Now minus the change event's wall time"),
+            claims_lost: counter(
+                "msgbuf_claims_lost_total",
+                "Delivery claims already taken by another instance",
+                &[],
+            ),
+            acks: counter(
+                "msgbuf_acks_total",
+                "Messages acknowledged by receivers",
+                &[],
+            ),
+            receipts: counter(
+                "msgbuf_receipts_sent_total",
+                "Receipt frames queued to sender sockets",
+                &[],
+            ),
+            delivery_latency: histogram(
+                "msgbuf_delivery_latency_seconds",
+                "Insert (acceptance) to push on a receiver socket, live path",
+            ),
+            stream_lag: histogram(
+                "msgbuf_stream_lag_seconds",
+                "Now minus the change event's wall time",
+            ),
             stream_events: counter("msgbuf_stream_events_total", "Change events handled", &[]),
-            stream_resumes: counter("msgbuf_stream_resumes_total", "Change stream (re)opened after an error", &[]),
-            stream_history_lost: counter("msgbuf_stream_history_lost_total", "Resume token no longer in the oplog; collection rescanned", &[]),
-            checkpoints: counter("msgbuf_stream_checkpoints_total", "Resume token checkpoints written", &[]),
-            connections: gauge("msgbuf_connections", "Open WebSocket connections on this instance"),
-            online_users: gauge("msgbuf_online_users", "Users with a joined session on this instance"),
-            queue_full_disconnects: counter("msgbuf_queue_full_disconnects_total", "Sockets closed because their outbound queue was full", &[]),
-            rate_limited: counter("msgbuf_rate_limited_total", "chat_message frames refused by the per-connection rate limit", &[]),
-            protocol_errors: counter("msgbuf_protocol_errors_total", "error events sent for bad client frames", &[]),
-            cleanup_sweeps: counter("msgbuf_cleanup_sweeps_total", "Cleanup sweeps run by this instance (lease held)", &[]),
+            stream_resumes: counter(
+                "msgbuf_stream_resumes_total",
+                "Change stream (re)opened after an error",
+                &[],
+            ),
+            stream_history_lost: counter(
+                "msgbuf_stream_history_lost_total",
+                "Resume token no longer in the oplog; collection rescanned",
+                &[],
+            ),
+            checkpoints: counter(
+                "msgbuf_stream_checkpoints_total",
+                "Resume token checkpoints written",
+                &[],
+            ),
+            connections: gauge(
+                "msgbuf_connections",
+                "Open WebSocket connections on this instance",
+            ),
+            online_users: gauge(
+                "msgbuf_online_users",
+                "Users with a joined session on this instance",
+            ),
+            queue_full_disconnects: counter(
+                "msgbuf_queue_full_disconnects_total",
+                "Sockets closed because their outbound queue was full",
+                &[],
+            ),
+            rate_limited: counter(
+                "msgbuf_rate_limited_total",
+                "chat_message frames refused by the per-connection rate limit",
+                &[],
+            ),
+            protocol_errors: counter(
+                "msgbuf_protocol_errors_total",
+                "error events sent for bad client frames",
+                &[],
+            ),
+            cleanup_sweeps: counter(
+                "msgbuf_cleanup_sweeps_total",
+                "Cleanup sweeps run by this instance (lease held)",
+                &[],
+            ),
             cleanup_deleted_delivered: counter(DELETED, DELETED_HELP, &[("kind", "delivered")]),
             cleanup_deleted_undelivered: counter(DELETED, DELETED_HELP, &[("kind", "undelivered")]),
             recorder,
@@ -116,10 +170,20 @@ impl Metrics {
 
     /// Counts one HTTP request by route template and status.
     pub fn http_request(&self, route: &str, status: u16) {
-        self.recorder.describe_counter("msgbuf_http_requests_total".into(), None, "HTTP requests by route and status".into());
-        let labels = vec![Label::new("route", route.to_owned()), Label::new("status", status.to_string())];
+        self.recorder.describe_counter(
+            "msgbuf_http_requests_total".into(),
+            None,
+            "HTTP requests by route and status".into(),
+        );
+        let labels = vec![
+            Label::new("route", route.to_owned()),
+            Label::new("status", status.to_string()),
+        ];
         self.recorder
-            .register_counter(&Key::from_parts("msgbuf_http_requests_total", labels), &META)
+            .register_counter(
+                &Key::from_parts("msgbuf_http_requests_total", labels),
+                &META,
+            )
             .increment(1);
     }
 

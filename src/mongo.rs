@@ -15,7 +15,9 @@ pub async fn connect_replica_set(uri: &str) -> anyhow::Result<Client> {
         .await
         .with_context(|| "parsing MSGBUF_MONGODB_URI")?;
     options.app_name = Some("msgbuf".into());
-    options.server_selection_timeout.get_or_insert(Duration::from_secs(15));
+    options
+        .server_selection_timeout
+        .get_or_insert(Duration::from_secs(15));
     let client = Client::with_options(options)?;
     let hello = client
         .database("admin")
@@ -36,13 +38,16 @@ pub async fn connect_replica_set(uri: &str) -> anyhow::Result<Client> {
 /// The URI without credentials, for messages.
 fn redact(uri: &str) -> String {
     match (uri.find("://"), uri.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &uri[..scheme], &uri[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &uri[..scheme], &uri[at + 1..])
+        }
         _ => uri.to_owned(),
     }
 }
 
 async fn direct_client(host: &str) -> anyhow::Result<Client> {
-    let mut options = ClientOptions::parse(format!("mongodb://{host}/?directConnection=true")).await?;
+    let mut options =
+        ClientOptions::parse(format!("mongodb://{host}/?directConnection=true")).await?;
     options.server_selection_timeout = Some(Duration::from_secs(2));
     options.connect_timeout = Some(Duration::from_secs(2));
     Ok(Client::with_options(options)?)
@@ -50,7 +55,11 @@ async fn direct_client(host: &str) -> anyhow::Result<Client> {
 
 /// Initiates a replica set of `members` (`host:port`), idempotently, and waits until it has
 /// a PRIMARY. Members that are not up yet are waited for, up to `timeout`.
-pub async fn init_replica_set(members: &[String], set_name: &str, timeout: Duration) -> anyhow::Result<()> {
+pub async fn init_replica_set(
+    members: &[String],
+    set_name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let first = members.first().context("no members given")?;
     let deadline = Instant::now() + timeout;
     let client = direct_client(first).await?;
@@ -60,7 +69,10 @@ pub async fn init_replica_set(members: &[String], set_name: &str, timeout: Durat
         "members": members.iter().enumerate().map(|(i, host)| doc! {"_id": i as i32, "host": host}).collect::<Vec<_>>(),
     };
     loop {
-        match admin.run_command(doc! {"replSetInitiate": config.clone()}).await {
+        match admin
+            .run_command(doc! {"replSetInitiate": config.clone()})
+            .await
+        {
             Ok(_) => break,
             // AlreadyInitialized
             Err(e) if command_code(&e) == Some(23) => break,
@@ -79,7 +91,11 @@ async fn wait_for_primary(admin: &mongodb::Database, deadline: Instant) -> anyho
         if let Ok(status) = admin.run_command(doc! {"replSetGetStatus": 1}).await {
             let has_primary = status
                 .get_array("members")
-                .map(|ms| ms.iter().any(|m| m.as_document().and_then(|d| d.get_str("stateStr").ok()) == Some("PRIMARY")))
+                .map(|ms| {
+                    ms.iter().any(|m| {
+                        m.as_document().and_then(|d| d.get_str("stateStr").ok()) == Some("PRIMARY")
+                    })
+                })
                 .unwrap_or(false);
             if has_primary {
                 return Ok(());
@@ -95,7 +111,10 @@ async fn wait_for_primary(admin: &mongodb::Database, deadline: Instant) -> anyho
 /// `host:port` of the current primary, as the members see it.
 pub async fn primary_of(uri: &str) -> anyhow::Result<String> {
     let client = connect_replica_set(uri).await?;
-    let hello = client.database("admin").run_command(doc! {"hello": 1}).await?;
+    let hello = client
+        .database("admin")
+        .run_command(doc! {"hello": 1})
+        .await?;
     Ok(hello.get_str("primary").context("no primary")?.to_owned())
 }
 
@@ -135,18 +154,26 @@ impl EmbeddedMongod {
     /// Starts `mongod` on 127.0.0.1:`port` with data in `data_dir` (kept across runs),
     /// initiates the set on first use and waits for PRIMARY.
     pub async fn start(mongod: &Path, data_dir: &Path, port: u16) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         let log = data_dir.join("mongod.log");
         let mut cmd = tokio::process::Command::new(mongod);
-        cmd.args(["--replSet", EMBEDDED_SET, "--bind_ip", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--dbpath")
-            .arg(data_dir)
-            .arg("--logpath")
-            .arg(&log)
-            .args(["--logappend", "--wiredTigerCacheSizeGB", "0.5"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true);
+        cmd.args([
+            "--replSet",
+            EMBEDDED_SET,
+            "--bind_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .arg("--dbpath")
+        .arg(data_dir)
+        .arg("--logpath")
+        .arg(&log)
+        .args(["--logappend", "--wiredTigerCacheSizeGB", "0.5"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
         // If msgbuf dies without shutting down, the kernel stops mongod too: no orphan.
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
@@ -215,7 +242,10 @@ impl EmbeddedMongod {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("the embedded replica set did not become writable; see {}", log.display());
+                bail!(
+                    "the embedded replica set did not become writable; see {}",
+                    log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -231,9 +261,18 @@ impl EmbeddedMongod {
 
     /// Clean shutdown through the `shutdown` command; killed if it does not exit in time.
     pub async fn stop(mut self) {
-        if let Ok(client) = direct_client(self.uri.trim_start_matches("mongodb://").trim_end_matches("/?directConnection=true")).await {
+        if let Ok(client) = direct_client(
+            self.uri
+                .trim_start_matches("mongodb://")
+                .trim_end_matches("/?directConnection=true"),
+        )
+        .await
+        {
             // The server closes the connection while answering; the error is expected.
-            let _ = client.database("admin").run_command(doc! {"shutdown": 1}).await;
+            let _ = client
+                .database("admin")
+                .run_command(doc! {"shutdown": 1})
+                .await;
         }
         match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
             Ok(_) => tracing::info!("managed mongod stopped"),

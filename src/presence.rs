@@ -74,7 +74,11 @@ impl Presence {
     }
 
     /// Counts a new connection of `user`; dropped guard uncounts it (and leaves).
-    pub fn connect(self: &Arc<Self>, user: &str, limit: usize) -> Result<ConnectionGuard, TooManyConnections> {
+    pub fn connect(
+        self: &Arc<Self>,
+        user: &str,
+        limit: usize,
+    ) -> Result<ConnectionGuard, TooManyConnections> {
         let mut entry = self.users.entry(user.to_owned()).or_default();
         if entry.connections >= limit {
             return Err(TooManyConnections(limit));
@@ -116,7 +120,11 @@ impl Presence {
         let Some(entry) = self.users.get(user) else {
             return 0;
         };
-        entry.sessions.iter().filter(|s| s.push(item.clone())).count()
+        entry
+            .sessions
+            .iter()
+            .filter(|s| s.push(item.clone()))
+            .count()
     }
 
     fn leave(&self, user: &str, session: u64) {
@@ -152,7 +160,11 @@ impl ConnectionGuard {
 
     /// Makes this connection one of the user's online sessions, with a queue of `capacity`
     /// whose overflow cancels `overflow`. Joining twice keeps the first session (`None`).
-    pub fn join(&mut self, capacity: usize, overflow: CancellationToken) -> Option<mpsc::Receiver<Outbound>> {
+    pub fn join(
+        &mut self,
+        capacity: usize,
+        overflow: CancellationToken,
+    ) -> Option<mpsc::Receiver<Outbound>> {
         if self.session.is_some() {
             return None;
         }

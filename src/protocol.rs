@@ -82,7 +82,10 @@ impl SendMessage {
             Err(ProtocolError::new(code, msg).with_client_msg_id(self.client_msg_id.clone()))
         };
         if !is_valid_user_id(&self.to) {
-            return err(ErrorCode::BadRequest, "`to` must be 1..=128 characters of [A-Za-z0-9_.@:-]");
+            return err(
+                ErrorCode::BadRequest,
+                "`to` must be 1..=128 characters of [A-Za-z0-9_.@:-]",
+            );
         }
         let chat_chars = self.chat_id.chars().count();
         if chat_chars == 0 || chat_chars > MAX_CHAT_ID_CHARS {
@@ -97,7 +100,10 @@ impl SendMessage {
         if let Some(id) = &self.client_msg_id {
             let n = id.chars().count();
             if n == 0 || n > MAX_CLIENT_MSG_ID_CHARS {
-                return err(ErrorCode::BadRequest, "`clientMsgId` must be 1..=64 characters");
+                return err(
+                    ErrorCode::BadRequest,
+                    "`clientMsgId` must be 1..=64 characters",
+                );
             }
         }
         Ok(())
@@ -140,7 +146,9 @@ pub fn decode(text: &str) -> Result<ClientEvent, ProtocolError> {
             "frames are JSON objects {{\"event\": ..., \"data\": {{...}}}}: {e}"
         ))
     })?;
-    let data = raw.data.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    let data = raw
+        .data
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
     match raw.event.as_str() {
         "join_chat" => {
             let join: JoinData = from_data(&raw.event, data)?;
@@ -153,8 +161,8 @@ pub fn decode(text: &str) -> Result<ClientEvent, ProtocolError> {
                 .get("clientMsgId")
                 .and_then(|v| v.as_str())
                 .map(str::to_owned);
-            let msg: SendMessage = from_data(&raw.event, data)
-                .map_err(|e| e.with_client_msg_id(client_msg_id))?;
+            let msg: SendMessage =
+                from_data(&raw.event, data).map_err(|e| e.with_client_msg_id(client_msg_id))?;
             msg.validate()?;
             Ok(ClientEvent::Chat(msg))
         }
@@ -172,8 +180,12 @@ pub fn decode(text: &str) -> Result<ClientEvent, ProtocolError> {
     }
 }
 
-fn from_data<T: serde::de::DeserializeOwned>(event: &str, data: serde_json::Value) -> Result<T, ProtocolError> {
-    serde_json::from_value(data).map_err(|e| ProtocolError::bad_request(format!("invalid `{event}` data: {e}")))
+fn from_data<T: serde::de::DeserializeOwned>(
+    event: &str,
+    data: serde_json::Value,
+) -> Result<T, ProtocolError> {
+    serde_json::from_value(data)
+        .map_err(|e| ProtocolError::bad_request(format!("invalid `{event}` data: {e}")))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -252,25 +264,55 @@ mod tests {
 
     #[test]
     fn decodes_the_three_events() {
-        assert_eq!(decode(r#"{"event":"join_chat","data":{}}"#), Ok(ClientEvent::Join { user_id: None }));
-        assert_eq!(decode(r#"{"event":"join_chat"}"#), Ok(ClientEvent::Join { user_id: None }));
-        let chat = decode(r#"{"event":"chat_message","data":{"to":"bob","chatId":"c","message":"hi","clientMsgId":"k1"}}"#);
-        assert!(matches!(chat, Ok(ClientEvent::Chat(ref m)) if m.to == "bob" && m.client_msg_id.as_deref() == Some("k1")));
-        assert_eq!(decode(r#"{"event":"ack","data":{"ids":["a"]}}"#), Ok(ClientEvent::Ack { ids: vec!["a".into()] }));
+        assert_eq!(
+            decode(r#"{"event":"join_chat","data":{}}"#),
+            Ok(ClientEvent::Join { user_id: None })
+        );
+        assert_eq!(
+            decode(r#"{"event":"join_chat"}"#),
+            Ok(ClientEvent::Join { user_id: None })
+        );
+        let chat = decode(
+            r#"{"event":"chat_message","data":{"to":"bob","chatId":"c","message":"hi","clientMsgId":"k1"}}"#,
+        );
+        assert!(
+            matches!(chat, Ok(ClientEvent::Chat(ref m)) if m.to == "bob" && m.client_msg_id.as_deref() == Some("k1"))
+        );
+        assert_eq!(
+            decode(r#"{"event":"ack","data":{"ids":["a"]}}"#),
+            Ok(ClientEvent::Ack {
+                ids: vec!["a".into()]
+            })
+        );
     }
 
     #[test]
     fn rejects_bad_frames_with_codes() {
-        for bad in ["nope", "[]", r#"{"data":{}}"#, r#"{"event":"dance","data":{}}"#,
-                    r#"{"event":"chat_message","data":{"to":"bob"}}"#,
-                    r#"{"event":"chat_message","data":{"to":5,"chatId":"c","message":"m"}}"#,
-                    r#"{"event":"chat_message","data":{"to":"b b","chatId":"c","message":"m"}}"#,
-                    r#"{"event":"ack","data":{"ids":"x"}}"#] {
-            assert_eq!(decode(bad).map_err(|e| e.code), Err(ErrorCode::BadRequest), "{bad}");
+        for bad in [
+            "nope",
+            "[]",
+            r#"{"data":{}}"#,
+            r#"{"event":"dance","data":{}}"#,
+            r#"{"event":"chat_message","data":{"to":"bob"}}"#,
+            r#"{"event":"chat_message","data":{"to":5,"chatId":"c","message":"m"}}"#,
+            r#"{"event":"chat_message","data":{"to":"b b","chatId":"c","message":"m"}}"#,
+            r#"{"event":"ack","data":{"ids":"x"}}"#,
+        ] {
+            assert_eq!(
+                decode(bad).map_err(|e| e.code),
+                Err(ErrorCode::BadRequest),
+                "{bad}"
+            );
         }
-        let big = format!(r#"{{"event":"chat_message","data":{{"to":"bob","chatId":"c","message":"{}","clientMsgId":"k"}}}}"#, "x".repeat(MAX_MESSAGE_BYTES + 1));
+        let big = format!(
+            r#"{{"event":"chat_message","data":{{"to":"bob","chatId":"c","message":"{}","clientMsgId":"k"}}}}"#,
+            "x".repeat(MAX_MESSAGE_BYTES + 1)
+        );
         let err = decode(&big).expect_err("too large");
-        assert_eq!((err.code, err.client_msg_id.as_deref()), (ErrorCode::TooLarge, Some("k")));
+        assert_eq!(
+            (err.code, err.client_msg_id.as_deref()),
+            (ErrorCode::TooLarge, Some("k"))
+        );
     }
 
     proptest! {

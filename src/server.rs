@@ -72,7 +72,10 @@ pub fn app(state: Arc<AppState>) -> Router {
     }
     router
         .fallback(api::not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
 }
 
@@ -83,7 +86,9 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(req).await;
-    state.metrics.http_request(&route, response.status().as_u16());
+    state
+        .metrics
+        .http_request(&route, response.status().as_u16());
     response
 }
 
@@ -97,7 +102,11 @@ pub struct Server {
 impl Server {
     /// Prepares the collection (indexes, TTL), starts the change stream, the redelivery
     /// sweep and the cleanup loop, and binds the listener. `shutdown` stops it all.
-    pub async fn start(config: Config, client: mongodb::Client, shutdown: CancellationToken) -> anyhow::Result<Server> {
+    pub async fn start(
+        config: Config,
+        client: mongodb::Client,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Server> {
         let secret = match (&config.jwt_secret, config.insecure_dev) {
             (Some(s), _) if !s.is_empty() => s.clone(),
             (_, true) => {
@@ -108,10 +117,17 @@ impl Server {
                 "MSGBUF_JWT_SECRET is not set: set it (e.g. `export MSGBUF_JWT_SECRET=$(openssl rand -hex 32)`), or pass --insecure-dev for local development"
             ),
         };
-        let auth = Auth::new(&secret, config.jwt_audience.clone(), config.jwt_issuer.clone());
+        let auth = Auth::new(
+            &secret,
+            config.jwt_audience.clone(),
+            config.jwt_issuer.clone(),
+        );
         let instance: Arc<str> = config.instance_id().into();
         let store = Store::new(client.database(&config.db));
-        store.ensure_indexes().await.context("creating indexes on buffered_messages")?;
+        store
+            .ensure_indexes()
+            .await
+            .context("creating indexes on buffered_messages")?;
         cleanup::ensure_ttl_index(&store, config.retention)
             .await
             .context("creating the TTL index on deliveredAt")?;
@@ -176,7 +192,9 @@ impl Server {
     /// close (1001) and background tasks finish (checkpoint included), within
     /// `MSGBUF_SHUTDOWN_TIMEOUT`.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Server { state, listener, .. } = self;
+        let Server {
+            state, listener, ..
+        } = self;
         let router = app(state.clone());
         let shutdown = state.shutdown.clone();
         let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -199,7 +217,9 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             let service = TowerToHyperService::new(router.clone());
-            let conn = http1.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+            let conn = http1
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
             let shutdown = shutdown.clone();
             state.tasks.spawn(async move {
                 tokio::pin!(conn);
@@ -214,8 +234,14 @@ impl Server {
         }
         drop(listener);
         state.tasks.close();
-        if tokio::time::timeout(state.config.shutdown_timeout, state.tasks.wait()).await.is_err() {
-            tracing::warn!(remaining = state.tasks.len(), "shutdown timeout: some tasks did not finish");
+        if tokio::time::timeout(state.config.shutdown_timeout, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = state.tasks.len(),
+                "shutdown timeout: some tasks did not finish"
+            );
         }
         tracing::info!(instance = %state.instance, "msgbuf stopped");
         Ok(())

@@ -55,7 +55,13 @@ pub struct BufferedMessage {
 }
 
 impl BufferedMessage {
-    pub fn new(sender: &str, receiver: &str, chat_id: &str, message: &str, client_msg_id: Option<String>) -> Self {
+    pub fn new(
+        sender: &str,
+        receiver: &str,
+        chat_id: &str,
+        message: &str,
+        client_msg_id: Option<String>,
+    ) -> Self {
         let now = DateTime::now();
         BufferedMessage {
             id: ObjectId::new(),
@@ -125,7 +131,10 @@ pub fn is_transient(e: &mongodb::error::Error) -> bool {
     }
     match e.kind.as_ref() {
         ErrorKind::ServerSelection { .. } => true,
-        ErrorKind::Command(c) => matches!(c.code, 6 | 7 | 89 | 91 | 189 | 10107 | 11600 | 11602 | 13435 | 13436 | 262 | 64),
+        ErrorKind::Command(c) => matches!(
+            c.code,
+            6 | 7 | 89 | 91 | 189 | 10107 | 11600 | 11602 | 13435 | 13436 | 262 | 64
+        ),
         ErrorKind::Write(WriteFailure::WriteConcernError(_)) => true,
         ErrorKind::InsertMany(m) => m.write_concern_error.is_some(),
         ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::Io(_) => true,
@@ -201,9 +210,15 @@ impl Store {
             // The original app's indexes.
             idx(doc! {"receiver": 1}, "receiver_1"),
             idx(doc! {"delivered": 1}, "delivered_1"),
-            idx(doc! {"receiver": 1, "delivered": 1}, "receiver_1_delivered_1"),
+            idx(
+                doc! {"receiver": 1, "delivered": 1},
+                "receiver_1_delivered_1",
+            ),
             // Ordered drains and per-user sweeps: equality on (receiver, delivered), sorted by _id.
-            idx(doc! {"receiver": 1, "delivered": 1, "_id": 1}, "receiver_1_delivered_1__id_1"),
+            idx(
+                doc! {"receiver": 1, "delivered": 1, "_id": 1},
+                "receiver_1_delivered_1__id_1",
+            ),
             // Oldest undelivered and the age-based cleanup without a sort stage.
             idx(doc! {"delivered": 1, "_id": 1}, "delivered_1__id_1"),
             // Idempotent sends: one document per (sender, clientMsgId).
@@ -225,7 +240,10 @@ impl Store {
     /// Inserts a batch in order (ordered `insertMany`, one round trip) and reports each
     /// message's outcome in input order. A duplicate `(sender, clientMsgId)` resolves to
     /// the stored message; a duplicate `_id` (a retried batch) is the message itself.
-    pub async fn insert_batch(&self, docs: &[BufferedMessage]) -> Vec<Result<Accepted, StoreError>> {
+    pub async fn insert_batch(
+        &self,
+        docs: &[BufferedMessage],
+    ) -> Vec<Result<Accepted, StoreError>> {
         let mut out = Vec::with_capacity(docs.len());
         let mut rest = docs;
         while !rest.is_empty() {
@@ -260,7 +278,11 @@ impl Store {
         out
     }
 
-    async fn resolve_duplicate(&self, msg: &BufferedMessage, e: &mongodb::error::Error) -> Result<Accepted, StoreError> {
+    async fn resolve_duplicate(
+        &self,
+        msg: &BufferedMessage,
+        e: &mongodb::error::Error,
+    ) -> Result<Accepted, StoreError> {
         let Some(index_msg) = duplicate_key_index(e) else {
             return Err(StoreError::Mongo(e.clone()));
         };
@@ -311,7 +333,11 @@ impl Store {
     }
 
     /// Claims the re-send of one timed-out message: only one instance wins each timeout.
-    pub async fn claim_redelivery(&self, id: ObjectId, pushed_at: Option<DateTime>) -> Result<bool, StoreError> {
+    pub async fn claim_redelivery(
+        &self,
+        id: ObjectId,
+        pushed_at: Option<DateTime>,
+    ) -> Result<bool, StoreError> {
         let now = DateTime::now();
         let won = self
             .raw
@@ -326,15 +352,24 @@ impl Store {
 
     /// The drain filter: undelivered, or pushed and unacknowledged for longer than the ack timeout.
     pub fn pending_filter(user: &str, ack_timeout: Duration) -> Document {
-        let cutoff = DateTime::from_millis(DateTime::now().timestamp_millis() - ack_timeout.as_millis() as i64);
+        let cutoff = DateTime::from_millis(
+            DateTime::now().timestamp_millis() - ack_timeout.as_millis() as i64,
+        );
         doc! {"receiver": user, "$or": [
             {"delivered": false},
             {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
         ]}
     }
 
-    pub async fn count_pending(&self, user: &str, ack_timeout: Duration) -> Result<u64, StoreError> {
-        Ok(self.raw.count_documents(Self::pending_filter(user, ack_timeout)).await?)
+    pub async fn count_pending(
+        &self,
+        user: &str,
+        ack_timeout: Duration,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .raw
+            .count_documents(Self::pending_filter(user, ack_timeout))
+            .await?)
     }
 
     /// Every pending message of `user`, oldest first, streamed in batches.
@@ -353,17 +388,36 @@ impl Store {
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
     /// the history-lost rescan).
-    pub async fn overdue(&self, users: &[String], older_than: Duration, limit: i64) -> Result<Vec<BufferedMessage>, StoreError> {
-        let cutoff = DateTime::from_millis(DateTime::now().timestamp_millis() - older_than.as_millis() as i64);
+    pub async fn overdue(
+        &self,
+        users: &[String],
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<Vec<BufferedMessage>, StoreError> {
+        let cutoff = DateTime::from_millis(
+            DateTime::now().timestamp_millis() - older_than.as_millis() as i64,
+        );
         let filter = doc! {"receiver": {"$in": users}, "$or": [
             {"delivered": false, "timestamp": {"$lt": cutoff}},
             {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
         ]};
-        Ok(self.messages.find(filter).sort(doc! {"_id": 1}).limit(limit).await?.try_collect().await?)
+        Ok(self
+            .messages
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
     }
 
     /// Undelivered messages of `users` (the rescan after history loss), oldest first.
-    pub async fn undelivered_of(&self, users: &[String], after: Option<ObjectId>, limit: i64) -> Result<Vec<BufferedMessage>, StoreError> {
+    pub async fn undelivered_of(
+        &self,
+        users: &[String],
+        after: Option<ObjectId>,
+        limit: i64,
+    ) -> Result<Vec<BufferedMessage>, StoreError> {
         let mut filter = doc! {"receiver": {"$in": users}, "delivered": false};
         if let Some(after) = after {
             filter.insert("_id", doc! {"$gt": after});
@@ -392,24 +446,48 @@ impl Store {
     }
 
     /// A page of `user`'s undelivered messages after `after`, oldest first.
-    pub async fn buffered_page(&self, user: &str, after: Option<ObjectId>, limit: i64) -> Result<Vec<BufferedMessage>, StoreError> {
+    pub async fn buffered_page(
+        &self,
+        user: &str,
+        after: Option<ObjectId>,
+        limit: i64,
+    ) -> Result<Vec<BufferedMessage>, StoreError> {
         let mut filter = doc! {"receiver": user, "delivered": false};
         if let Some(after) = after {
             filter.insert("_id", doc! {"$gt": after});
         }
-        Ok(self.messages.find(filter).sort(doc! {"_id": 1}).limit(limit).await?.try_collect().await?)
+        Ok(self
+            .messages
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
     }
 
     /// Deletes `user`'s undelivered messages.
     pub async fn delete_undelivered(&self, user: &str) -> Result<u64, StoreError> {
-        Ok(self.raw.delete_many(doc! {"receiver": user, "delivered": false}).await?.deleted_count)
+        Ok(self
+            .raw
+            .delete_many(doc! {"receiver": user, "delivered": false})
+            .await?
+            .deleted_count)
     }
 
     /// Buffer counts, each answered from an index.
     pub async fn counts(&self) -> Result<BufferCounts, StoreError> {
-        let undelivered = self.raw.count_documents(doc! {"delivered": false}).hint(mongodb::options::Hint::Name("delivered_1".into()));
-        let delivered = self.raw.count_documents(doc! {"delivered": true}).hint(mongodb::options::Hint::Name("delivered_1".into()));
-        let unacked = self.raw.count_documents(doc! {"delivered": true, "ackedAt": null});
+        let undelivered = self
+            .raw
+            .count_documents(doc! {"delivered": false})
+            .hint(mongodb::options::Hint::Name("delivered_1".into()));
+        let delivered = self
+            .raw
+            .count_documents(doc! {"delivered": true})
+            .hint(mongodb::options::Hint::Name("delivered_1".into()));
+        let unacked = self
+            .raw
+            .count_documents(doc! {"delivered": true, "ackedAt": null});
         let users = async {
             let mut cursor = self
                 .raw
@@ -418,10 +496,16 @@ impl Store {
                     doc! {"$group": {"_id": "$receiver"}},
                     doc! {"$count": "n"},
                 ])
-                .hint(mongodb::options::Hint::Name("receiver_1_delivered_1".into()))
+                .hint(mongodb::options::Hint::Name(
+                    "receiver_1_delivered_1".into(),
+                ))
                 .await?;
             let n = match cursor.try_next().await? {
-                Some(d) => d.get_i32("n").map(i64::from).or_else(|_| d.get_i64("n")).unwrap_or(0) as u64,
+                Some(d) => d
+                    .get_i32("n")
+                    .map(i64::from)
+                    .or_else(|_| d.get_i64("n"))
+                    .unwrap_or(0) as u64,
                 None => 0,
             };
             Ok::<u64, mongodb::error::Error>(n)
@@ -431,8 +515,13 @@ impl Store {
             .find_one(doc! {"delivered": false})
             .sort(doc! {"_id": 1})
             .hint(mongodb::options::Hint::Name("delivered_1__id_1".into()));
-        let (undelivered, delivered, unacked, users, oldest) =
-            futures::try_join!(undelivered.into_future(), delivered.into_future(), unacked.into_future(), users, oldest.into_future())?;
+        let (undelivered, delivered, unacked, users, oldest) = futures::try_join!(
+            undelivered.into_future(),
+            delivered.into_future(),
+            unacked.into_future(),
+            users,
+            oldest.into_future()
+        )?;
         Ok(BufferCounts {
             undelivered,
             delivered,
@@ -444,7 +533,10 @@ impl Store {
     }
 
     /// Loads this instance's change-stream checkpoint.
-    pub async fn load_checkpoint(&self, instance: &str) -> Result<Option<mongodb::change_stream::event::ResumeToken>, StoreError> {
+    pub async fn load_checkpoint(
+        &self,
+        instance: &str,
+    ) -> Result<Option<mongodb::change_stream::event::ResumeToken>, StoreError> {
         let coll = self.db.collection::<Document>(CHECKPOINTS);
         let Some(d) = coll.find_one(doc! {"_id": instance}).await? else {
             return Ok(None);
@@ -455,17 +547,28 @@ impl Store {
         }
     }
 
-    pub async fn save_checkpoint(&self, instance: &str, token: &mongodb::change_stream::event::ResumeToken) -> Result<(), StoreError> {
+    pub async fn save_checkpoint(
+        &self,
+        instance: &str,
+        token: &mongodb::change_stream::event::ResumeToken,
+    ) -> Result<(), StoreError> {
         let coll = self.db.collection::<Document>(CHECKPOINTS);
-        let token = mongodb::bson::to_bson(token).map_err(|e| StoreError::Mongo(mongodb::error::Error::custom(e.to_string())))?;
-        coll.update_one(doc! {"_id": instance}, doc! {"$set": {"token": token, "updatedAt": DateTime::now()}})
-            .upsert(true)
-            .await?;
+        let token = mongodb::bson::to_bson(token)
+            .map_err(|e| StoreError::Mongo(mongodb::error::Error::custom(e.to_string())))?;
+        coll.update_one(
+            doc! {"_id": instance},
+            doc! {"$set": {"token": token, "updatedAt": DateTime::now()}},
+        )
+        .upsert(true)
+        .await?;
         Ok(())
     }
 
     pub async fn clear_checkpoint(&self, instance: &str) -> Result<(), StoreError> {
-        self.db.collection::<Document>(CHECKPOINTS).delete_one(doc! {"_id": instance}).await?;
+        self.db
+            .collection::<Document>(CHECKPOINTS)
+            .delete_one(doc! {"_id": instance})
+            .await?;
         Ok(())
     }
 }

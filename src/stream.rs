@@ -110,7 +110,9 @@ impl Tailer {
                         tracing::info!(messages = n, "rescanned the collection after history loss");
                         rescan = false;
                     }
-                    Err(e) => tracing::warn!(error = %e, "rescan failed; retrying with the next stream"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rescan failed; retrying with the next stream")
+                    }
                 }
             }
             let mut last_checkpoint = Instant::now();
@@ -176,18 +178,25 @@ impl Tailer {
         self.metrics.stream_events.increment(1);
         if let Some(wall) = event.wall_time {
             let lag_ms = DateTime::now().timestamp_millis() - wall.timestamp_millis();
-            self.metrics.stream_lag.record(lag_ms.max(0) as f64 / 1000.0);
+            self.metrics
+                .stream_lag
+                .record(lag_ms.max(0) as f64 / 1000.0);
         }
         match event.operation_type {
             OperationType::Insert => {
-                let Some(doc) = event.full_document else { return };
+                let Some(doc) = event.full_document else {
+                    return;
+                };
                 match mongodb::bson::from_document::<BufferedMessage>(doc) {
                     Ok(msg) => self.delivery.on_insert(&msg).await,
-                    Err(e) => tracing::warn!(error = %e, "skipping a document that is not a BufferedMessage"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping a document that is not a BufferedMessage")
+                    }
                 }
             }
             OperationType::Update => {
-                let (Some(update), Some(key)) = (event.update_description, event.document_key) else {
+                let (Some(update), Some(key)) = (event.update_description, event.document_key)
+                else {
                     return;
                 };
                 let fields = &update.updated_fields;

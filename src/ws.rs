@@ -55,7 +55,9 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, AppError> {
     if !state.config.allowed_origins.is_empty() {
-        let origin = headers.get(axum::http::header::ORIGIN).and_then(|o| o.to_str().ok());
+        let origin = headers
+            .get(axum::http::header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
         if !origin.is_some_and(|o| state.config.allowed_origins.iter().any(|a| a == o)) {
             return Err(AppError::Forbidden("origin not allowed".into()));
         }
@@ -77,7 +79,9 @@ pub async fn upgrade(
         .max_write_buffer_size(max * 4)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tasks.track_future(Session::new(state, claims, guard).run(socket))))
+        .on_upgrade(move |socket| {
+            tasks.track_future(Session::new(state, claims, guard).run(socket))
+        }))
 }
 
 /// The last ids written on a socket; allocates only once something was written.
@@ -168,7 +172,11 @@ impl Session {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(Message::Close(Some(frame)))).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                socket.send(Message::Close(Some(frame))),
+            )
+            .await;
         }
         // Sends still in flight complete in the insert shards (the messages are stored);
         // only their acknowledgements are lost with the socket, and clients retry by clientMsgId.
@@ -202,8 +210,13 @@ impl Session {
         match msg {
             Message::Text(text) => self.on_text(socket, text.as_str()).await,
             Message::Binary(_) => {
-                self.protocol_error(socket, ProtocolError::bad_request("binary frames are not supported; send JSON text frames"))
-                    .await
+                self.protocol_error(
+                    socket,
+                    ProtocolError::bad_request(
+                        "binary frames are not supported; send JSON text frames",
+                    ),
+                )
+                .await
             }
             Message::Close(_) => Flow::Gone,
             Message::Ping(_) | Message::Pong(_) => Flow::Continue,
@@ -223,7 +236,10 @@ impl Session {
         match event {
             ClientEvent::Join { user_id } => {
                 if user_id.as_deref().is_some_and(|u| u != self.claims.sub) {
-                    let e = ProtocolError::new(ErrorCode::Forbidden, "`userId` must be the token's user");
+                    let e = ProtocolError::new(
+                        ErrorCode::Forbidden,
+                        "`userId` must be the token's user",
+                    );
                     return self.protocol_error(socket, e).await;
                 }
                 self.join(socket).await
@@ -231,11 +247,20 @@ impl Session {
             ClientEvent::Chat(m) => {
                 if self.limiter.check().is_err() {
                     self.state.metrics.rate_limited.increment(1);
-                    let e = ProtocolError::new(ErrorCode::RateLimited, "too many messages; slow down and retry")
-                        .with_client_msg_id(m.client_msg_id);
+                    let e = ProtocolError::new(
+                        ErrorCode::RateLimited,
+                        "too many messages; slow down and retry",
+                    )
+                    .with_client_msg_id(m.client_msg_id);
                     return send(socket, e.to_frame().into()).await;
                 }
-                let msg = BufferedMessage::new(&self.claims.sub, &m.to, &m.chat_id, &m.message, m.client_msg_id);
+                let msg = BufferedMessage::new(
+                    &self.claims.sub,
+                    &m.to,
+                    &m.chat_id,
+                    &m.message,
+                    m.client_msg_id,
+                );
                 let state = self.state.clone();
                 self.inflight.push_back(Box::pin(async move {
                     let client_msg_id = msg.client_msg_id.clone();
@@ -259,9 +284,15 @@ impl Session {
                 Flow::Continue
             }
             ClientEvent::Ack { ids } => {
-                let parsed: Result<Vec<ObjectId>, _> = ids.iter().map(|id| ObjectId::parse_str(id)).collect();
+                let parsed: Result<Vec<ObjectId>, _> =
+                    ids.iter().map(|id| ObjectId::parse_str(id)).collect();
                 let Ok(ids) = parsed else {
-                    return self.protocol_error(socket, ProtocolError::bad_request("`ids` must be 24-hex message ids")).await;
+                    return self
+                        .protocol_error(
+                            socket,
+                            ProtocolError::bad_request("`ids` must be 24-hex message ids"),
+                        )
+                        .await;
                 };
                 let state = self.state.clone();
                 let user = self.claims.sub.clone();
@@ -271,7 +302,9 @@ impl Session {
                             state.metrics.acks.increment(n);
                             None
                         }
-                        Err(e) => Some(ProtocolError::from(crate::error::AppError::from(e)).to_frame()),
+                        Err(e) => {
+                            Some(ProtocolError::from(crate::error::AppError::from(e)).to_frame())
+                        }
                     }
                 }));
                 Flow::Continue
@@ -284,7 +317,10 @@ impl Session {
     /// drain or queued live (and then skipped here if it was both).
     async fn join(&mut self, socket: &mut WebSocket) -> Flow {
         let user = self.claims.sub.clone();
-        if let Some(queue) = self.guard.join(self.state.config.queue_capacity, self.overflow.clone()) {
+        if let Some(queue) = self
+            .guard
+            .join(self.state.config.queue_capacity, self.overflow.clone())
+        {
             self.queue = Some(queue);
         }
         let store = &self.state.store;
@@ -315,9 +351,17 @@ impl Session {
         }
     }
 
-    async fn drain(&mut self, socket: &mut WebSocket, user: &str) -> Result<Flow, crate::store::StoreError> {
+    async fn drain(
+        &mut self,
+        socket: &mut WebSocket,
+        user: &str,
+    ) -> Result<Flow, crate::store::StoreError> {
         let delivery = self.state.delivery.clone();
-        let mut cursor = self.state.store.pending(user, self.state.config.ack_timeout).await?;
+        let mut cursor = self
+            .state
+            .store
+            .pending(user, self.state.config.ack_timeout)
+            .await?;
         let mut claim = Vec::new();
         let mut resent = Vec::new();
         let mut in_page = 0;
@@ -340,21 +384,30 @@ impl Session {
                 if socket.flush().await.is_err() {
                     return Ok(Flow::Gone);
                 }
-                self.record_drained(&delivery, &mut claim, &mut resent).await;
+                self.record_drained(&delivery, &mut claim, &mut resent)
+                    .await;
             }
         }
         if socket.flush().await.is_err() {
             return Ok(Flow::Gone);
         }
-        self.record_drained(&delivery, &mut claim, &mut resent).await;
+        self.record_drained(&delivery, &mut claim, &mut resent)
+            .await;
         Ok(Flow::Continue)
     }
 
-    async fn record_drained(&mut self, delivery: &crate::delivery::Delivery, claim: &mut Vec<ObjectId>, resent: &mut Vec<ObjectId>) {
+    async fn record_drained(
+        &mut self,
+        delivery: &crate::delivery::Delivery,
+        claim: &mut Vec<ObjectId>,
+        resent: &mut Vec<ObjectId>,
+    ) {
         delivery.claim_later(claim, DeliveryPath::Drain).await;
         claim.clear();
         if !resent.is_empty() {
-            self.state.metrics.delivered(DeliveryPath::Redelivery, resent.len() as u64);
+            self.state
+                .metrics
+                .delivered(DeliveryPath::Redelivery, resent.len() as u64);
             let ids = std::mem::take(resent);
             let store = self.state.store.clone();
             self.state.tasks.spawn(async move {
@@ -386,7 +439,9 @@ fn read_error(e: axum::Error) -> Flow {
     let inner = e.into_inner();
     match inner.downcast_ref::<WsError>() {
         Some(WsError::Capacity(_)) => Flow::Close(CLOSE_TOO_BIG, "frame too large"),
-        Some(WsError::Utf8(_)) => Flow::Close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8"),
+        Some(WsError::Utf8(_)) => {
+            Flow::Close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
+        }
         _ => Flow::Gone,
     }
 }

@@ -32,7 +32,11 @@ pub fn free_port() -> u16 {
 
 /// A database name unique to a test, so tests can share an external replica set.
 pub fn db_name(test: &str) -> String {
-    let n: String = test.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(40).collect();
+    let n: String = test
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(40)
+        .collect();
     format!("t_{n}_{}", std::process::id())
 }
 
@@ -91,7 +95,11 @@ impl ReplicaSet {
     /// Like [`ReplicaSet::start`], with extra `mongod` arguments (e.g. `--oplogSize 1`).
     pub async fn start_with(n: usize, extra: &[&str]) -> ReplicaSet {
         if let Ok(uri) = std::env::var("MSGBUF_TEST_MONGODB_URI") {
-            return ReplicaSet { uri, hosts: vec![], members: vec![] };
+            return ReplicaSet {
+                uri,
+                hosts: vec![],
+                members: vec![],
+            };
         }
         let process = std::env::var("MSGBUF_TEST_BACKEND").is_ok_and(|b| b == "process");
         Self::start_backend(n, extra, process).await
@@ -108,9 +116,21 @@ impl ReplicaSet {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut members = Vec::new();
         for port in &ports {
-            let mut args: Vec<String> = ["--replSet", &set, "--bind_ip", "127.0.0.1", "--port", &port.to_string(),
-                "--wiredTigerCacheSizeGB", "0.25", "--setParameter", "enableTestCommands=1"]
-                .iter().map(|s| s.to_string()).collect();
+            let mut args: Vec<String> = [
+                "--replSet",
+                &set,
+                "--bind_ip",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--wiredTigerCacheSizeGB",
+                "0.25",
+                "--setParameter",
+                "enableTestCommands=1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             args.extend(extra.iter().map(|s| s.to_string()));
             members.push(if process {
                 start_process(args)
@@ -123,7 +143,11 @@ impl ReplicaSet {
             .await
             .expect("replSetInitiate");
         let uri = format!("mongodb://{}/?replicaSet={set}", hosts.join(","));
-        let rs = ReplicaSet { uri, hosts, members };
+        let rs = ReplicaSet {
+            uri,
+            hosts,
+            members,
+        };
         rs.wait_for_primary().await;
         rs
     }
@@ -133,14 +157,21 @@ impl ReplicaSet {
     }
 
     pub async fn client(&self) -> Client {
-        msgbuf::mongo::connect_replica_set(&self.uri).await.expect("connect")
+        msgbuf::mongo::connect_replica_set(&self.uri)
+            .await
+            .expect("connect")
     }
 
     /// Index of the current primary.
     pub async fn wait_for_primary(&self) -> usize {
         wait_for("a PRIMARY", Duration::from_secs(60), || async {
             for (i, host) in self.hosts.iter().enumerate() {
-                if let Ok(hello) = direct(host).await.database("admin").run_command(doc! {"hello": 1}).await {
+                if let Ok(hello) = direct(host)
+                    .await
+                    .database("admin")
+                    .run_command(doc! {"hello": 1})
+                    .await
+                {
                     if hello.get_bool("isWritablePrimary").unwrap_or(false) {
                         return Some(i);
                     }
@@ -155,7 +186,10 @@ impl ReplicaSet {
     pub fn kill(&mut self, i: usize) {
         match &mut self.members[i] {
             Member::Container { container } => {
-                let status = Command::new("docker").args(["kill", "--signal", "KILL", container.id()]).status().expect("docker kill");
+                let status = Command::new("docker")
+                    .args(["kill", "--signal", "KILL", container.id()])
+                    .status()
+                    .expect("docker kill");
                 assert!(status.success());
             }
             Member::Process { child, .. } => {
@@ -190,7 +224,12 @@ impl ReplicaSet {
         }
         let host = self.hosts[i].clone();
         wait_for("the member to answer", Duration::from_secs(60), || async {
-            direct(&host).await.database("admin").run_command(doc! {"ping": 1}).await.ok()
+            direct(&host)
+                .await
+                .database("admin")
+                .run_command(doc! {"ping": 1})
+                .await
+                .ok()
         })
         .await;
     }
@@ -209,9 +248,10 @@ impl ReplicaSet {
 }
 
 async fn direct(host: &str) -> Client {
-    let mut o = mongodb::options::ClientOptions::parse(format!("mongodb://{host}/?directConnection=true"))
-        .await
-        .expect("options");
+    let mut o =
+        mongodb::options::ClientOptions::parse(format!("mongodb://{host}/?directConnection=true"))
+            .await
+            .expect("options");
     o.server_selection_timeout = Some(Duration::from_millis(1500));
     o.connect_timeout = Some(Duration::from_millis(1500));
     Client::with_options(o).expect("client")
@@ -220,7 +260,8 @@ async fn direct(host: &str) -> Client {
 fn start_container(mut args: Vec<String>) -> Member {
     let image = std::env::var("MSGBUF_TEST_MONGO_IMAGE").unwrap_or_else(|_| "mongo:7.0".to_owned());
     let (name, tag) = image.rsplit_once(':').unwrap_or((&image, "latest"));
-    let generic = GenericImage::new(name, tag).with_wait_for(WaitFor::message_on_stdout("Waiting for connections"));
+    let generic = GenericImage::new(name, tag)
+        .with_wait_for(WaitFor::message_on_stdout("Waiting for connections"));
     // The scratch image's entrypoint is mongod itself; the official image's entrypoint
     // prefixes `mongod` to arguments that start with `--`.
     args.extend(["--dbpath".to_owned(), "/data/db".to_owned()]);
@@ -274,18 +315,26 @@ pub fn auth() -> Auth {
 }
 
 pub fn token(user: &str) -> String {
-    auth().mint(user, false, Duration::from_secs(3600)).expect("token")
+    auth()
+        .mint(user, false, Duration::from_secs(3600))
+        .expect("token")
 }
 
 pub fn admin_token(user: &str) -> String {
-    auth().mint(user, true, Duration::from_secs(3600)).expect("token")
+    auth()
+        .mint(user, true, Duration::from_secs(3600))
+        .expect("token")
 }
 
 /// A correctly signed token whose `exp` is an hour ago.
 pub fn expired_token(user: &str) -> String {
     let claims = serde_json::json!({"sub": user, "exp": msgbuf::auth::unix_now() - 3600});
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
-        .expect("encode")
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
 }
 
 /// The settings tests start from.
@@ -307,15 +356,23 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(config: Config) -> Instance {
-        let client = msgbuf::mongo::connect_replica_set(config.mongodb_uri.as_deref().expect("uri"))
-            .await
-            .expect("connect");
+        let client =
+            msgbuf::mongo::connect_replica_set(config.mongodb_uri.as_deref().expect("uri"))
+                .await
+                .expect("connect");
         let shutdown = CancellationToken::new();
-        let server = Server::start(config, client, shutdown.clone()).await.expect("start msgbuf");
+        let server = Server::start(config, client, shutdown.clone())
+            .await
+            .expect("start msgbuf");
         let addr = server.local_addr();
         let state = server.state().clone();
         let task = tokio::spawn(server.run());
-        let instance = Instance { addr, state, shutdown, task: Some(task) };
+        let instance = Instance {
+            addr,
+            state,
+            shutdown,
+            task: Some(task),
+        };
         let url = instance.http("/readyz");
         wait_for("the instance to be ready", T, || async {
             let (status, _) = http_get(&url, None).await;
@@ -334,7 +391,9 @@ impl Instance {
     }
 
     pub async fn connect(&self, user: &str) -> WsClient {
-        WsClient::connect(&self.ws_url(), &token(user)).await.expect("ws connect")
+        WsClient::connect(&self.ws_url(), &token(user))
+            .await
+            .expect("ws connect")
     }
 
     /// Connects and joins `user`.
@@ -360,10 +419,18 @@ impl Drop for Instance {
 }
 
 /// A minimal HTTP/1.1 client over a TCP stream (status, body).
-pub async fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+pub async fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     // Status 0: nothing listens (yet).
     let Ok(mut s) = tokio::net::TcpStream::connect(host).await else {
         return (0, String::new());
@@ -374,7 +441,10 @@ pub async fn http(method: &str, url: &str, token: Option<&str>, body: Option<&st
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -383,9 +453,16 @@ pub async fn http(method: &str, url: &str, token: Option<&str>, body: Option<&st
         return (0, String::new());
     }
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_owned()
@@ -417,5 +494,8 @@ pub fn json(body: &str) -> serde_json::Value {
 
 /// The messages collection of a test database, as plain documents.
 pub async fn messages(rs: &ReplicaSet, db: &str) -> mongodb::Collection<Document> {
-    rs.client().await.database(db).collection(msgbuf::store::MESSAGES)
+    rs.client()
+        .await
+        .database(db)
+        .collection(msgbuf::store::MESSAGES)
 }

@@ -24,7 +24,12 @@ async fn send(c: &mut WsClient, to: &str, text: &str, client_id: Option<&str>) -
 
 async fn doc_of(rs: &ReplicaSet, db: &str, id: &str) -> Document {
     let oid = ObjectId::parse_str(id).expect("oid");
-    messages(rs, db).await.find_one(doc! {"_id": oid}).await.expect("find").expect("stored")
+    messages(rs, db)
+        .await
+        .find_one(doc! {"_id": oid})
+        .await
+        .expect("find")
+        .expect("stored")
 }
 
 #[tokio::test]
@@ -39,8 +44,19 @@ async fn live_delivery_across_instances_is_claimed_once_and_acked_with_a_receipt
     let accepted = send(&mut alice, "bob", "hello bob", Some("m1")).await;
     let id = accepted["id"].as_str().expect("id").to_owned();
     assert_eq!(accepted["clientMsgId"], "m1");
-    let got = bob.expect("chat_message", T).await.expect("live message").data;
-    assert_eq!((got["id"].as_str(), got["from"].as_str(), got["message"].as_str()), (Some(id.as_str()), Some("alice"), Some("hello bob")));
+    let got = bob
+        .expect("chat_message", T)
+        .await
+        .expect("live message")
+        .data;
+    assert_eq!(
+        (
+            got["id"].as_str(),
+            got["from"].as_str(),
+            got["message"].as_str()
+        ),
+        (Some(id.as_str()), Some("alice"), Some("hello bob"))
+    );
 
     let stored = wait_for("the claim", T, || async {
         let d = doc_of(&rs, &db, &id).await;
@@ -51,7 +67,10 @@ async fn live_delivery_across_instances_is_claimed_once_and_acked_with_a_receipt
 
     bob.ack(std::slice::from_ref(&id)).await.expect("ack");
     let receipt = alice.expect("receipt", T).await.expect("receipt").data;
-    assert_eq!((receipt["id"].as_str(), receipt["status"].as_str()), (Some(id.as_str()), Some("delivered")));
+    assert_eq!(
+        (receipt["id"].as_str(), receipt["status"].as_str()),
+        (Some(id.as_str()), Some("delivered"))
+    );
     assert!(doc_of(&rs, &db, &id).await.get_datetime("ackedAt").is_ok());
 }
 
@@ -65,21 +84,42 @@ async fn offline_receiver_gets_all_fifty_oldest_first_once_on_either_instance() 
     let mut sent = Vec::new();
     for i in 0..50 {
         let c = if i % 2 == 0 { &mut alice } else { &mut carol };
-        sent.push(send(c, "bob", &format!("m{i}"), None).await["id"].as_str().expect("id").to_owned());
+        sent.push(
+            send(c, "bob", &format!("m{i}"), None).await["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
     }
     let (mut bob, joined) = b.join("bob").await;
     assert_eq!(joined["pending"], 50);
     let mut got = Vec::new();
     while got.len() < 50 {
-        got.push(bob.expect("chat_message", T).await.expect("drained").data["id"].as_str().expect("id").to_owned());
+        got.push(
+            bob.expect("chat_message", T).await.expect("drained").data["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
     }
     assert_eq!(got, sent, "all 50, oldest first, each once");
     let coll = messages(&rs, &db).await;
     wait_for("all 50 claimed", T, || async {
-        (coll.count_documents(doc! {"receiver": "bob", "delivered": true}).await.ok()? == 50).then_some(())
+        (coll
+            .count_documents(doc! {"receiver": "bob", "delivered": true})
+            .await
+            .ok()?
+            == 50)
+            .then_some(())
     })
     .await;
-    assert!(matches!(bob.next_event(Duration::from_millis(300)).await, Err(ClientError::Timeout(_))), "nothing more");
+    assert!(
+        matches!(
+            bob.next_event(Duration::from_millis(300)).await,
+            Err(ClientError::Timeout(_))
+        ),
+        "nothing more"
+    );
 }
 
 #[tokio::test]
@@ -91,9 +131,15 @@ async fn every_socket_of_the_receiver_gets_a_live_message_and_one_claim_is_recor
     let (mut s2, _) = a.join("bob").await;
     let (mut s3, _) = b.join("bob").await;
     let (mut alice, _) = b.join("alice").await;
-    let id = send(&mut alice, "bob", "to all devices", None).await["id"].as_str().expect("id").to_owned();
+    let id = send(&mut alice, "bob", "to all devices", None).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     for s in [&mut s1, &mut s2, &mut s3] {
-        assert_eq!(s.expect("chat_message", T).await.expect("live").data["id"], id.as_str());
+        assert_eq!(
+            s.expect("chat_message", T).await.expect("live").data["id"],
+            id.as_str()
+        );
     }
     let d = wait_for("the claim", T, || async {
         let d = doc_of(&rs, &db, &id).await;
@@ -106,7 +152,10 @@ async fn every_socket_of_the_receiver_gets_a_live_message_and_one_claim_is_recor
 }
 
 fn delivered_live(state: &msgbuf::AppState) -> f64 {
-    metric(&state.metrics.render(0, 0), "msgbuf_messages_delivered_total{path=\"live\"}")
+    metric(
+        &state.metrics.render(0, 0),
+        "msgbuf_messages_delivered_total{path=\"live\"}",
+    )
 }
 
 pub fn metric(text: &str, name: &str) -> f64 {
@@ -126,7 +175,11 @@ async fn the_same_client_msg_id_twice_gives_one_document_and_the_same_id() {
     let first = send(&mut alice, "bob", "once", Some("k-1")).await;
     let second = send(&mut alice, "bob", "once", Some("k-1")).await;
     assert_eq!(first["id"], second["id"]);
-    let n = messages(&rs, &db).await.count_documents(doc! {"clientMsgId": "k-1"}).await.expect("count");
+    let n = messages(&rs, &db)
+        .await
+        .count_documents(doc! {"clientMsgId": "k-1"})
+        .await
+        .expect("count");
     assert_eq!(n, 1);
 }
 
@@ -135,27 +188,56 @@ async fn a_restarted_instance_resumes_from_its_checkpoint_and_misses_nothing() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("restart_resume");
     let (a, b) = two_instances(&rs, &db).await;
-    let checkpoints = rs.client().await.database(&db).collection::<Document>(msgbuf::store::CHECKPOINTS);
-    wait_for("B's first checkpoint", T, || async { checkpoints.find_one(doc! {"_id": "B"}).await.ok().flatten() }).await;
+    let checkpoints = rs
+        .client()
+        .await
+        .database(&db)
+        .collection::<Document>(msgbuf::store::CHECKPOINTS);
+    wait_for("B's first checkpoint", T, || async {
+        checkpoints.find_one(doc! {"_id": "B"}).await.ok().flatten()
+    })
+    .await;
     b.stop().await;
     let (mut alice, _) = a.join("alice").await;
     let mut sent = HashSet::new();
     for i in 0..20 {
-        sent.insert(send(&mut alice, "bob", &format!("while B was down {i}"), None).await["id"].as_str().expect("id").to_owned());
+        sent.insert(
+            send(&mut alice, "bob", &format!("while B was down {i}"), None).await["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
     }
     let b = Instance::start(test_config(&rs, &db, "B")).await;
-    let resumes = metric(&b.state.metrics.render(0, 0), "msgbuf_stream_history_lost_total");
-    assert_eq!(resumes, 0.0, "resumed from the checkpoint without history loss");
+    let resumes = metric(
+        &b.state.metrics.render(0, 0),
+        "msgbuf_stream_history_lost_total",
+    );
+    assert_eq!(
+        resumes, 0.0,
+        "resumed from the checkpoint without history loss"
+    );
     let (mut bob, joined) = b.join("bob").await;
     assert_eq!(joined["pending"], 20);
     let mut got = HashSet::new();
     while got.len() < 20 {
-        got.insert(bob.expect("chat_message", T).await.expect("message").data["id"].as_str().expect("id").to_owned());
+        got.insert(
+            bob.expect("chat_message", T).await.expect("message").data["id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
     }
     assert_eq!(got, sent);
     // Live delivery on the resumed stream.
-    let id = send(&mut alice, "bob", "after restart", None).await["id"].as_str().expect("id").to_owned();
-    assert_eq!(bob.expect("chat_message", T).await.expect("live").data["id"], id.as_str());
+    let id = send(&mut alice, "bob", "after restart", None).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(
+        bob.expect("chat_message", T).await.expect("live").data["id"],
+        id.as_str()
+    );
 }
 
 #[tokio::test]
@@ -175,7 +257,10 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
     let big = "x".repeat(8000);
     let total = 600;
     for i in 0..total {
-        alice.chat("bob", "c", &format!("{i}{big}"), Some(&format!("k{i}"))).await.expect("send");
+        alice
+            .chat("bob", "c", &format!("{i}{big}"), Some(&format!("k{i}")))
+            .await
+            .expect("send");
     }
     let mut accepted = 0;
     while accepted < total {
@@ -184,7 +269,10 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
         }
     }
     let disconnects = wait_for("the queue-full disconnect", T, || async {
-        let n = metric(&a.state.metrics.render(0, 0), "msgbuf_queue_full_disconnects_total");
+        let n = metric(
+            &a.state.metrics.render(0, 0),
+            "msgbuf_queue_full_disconnects_total",
+        );
         (n >= 1.0).then_some(n)
     })
     .await;
@@ -207,7 +295,11 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
     let mut got = read.clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while got.len() < total {
-        assert!(std::time::Instant::now() < deadline, "only {} of {total} reached bob", got.len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {total} reached bob",
+            got.len()
+        );
         let (mut bob, joined) = a.join("bob").await;
         let pending = joined["pending"].as_u64().expect("pending") as usize;
         assert!(pending <= total);
@@ -224,7 +316,11 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
         }
     }
     let all = got;
-    assert_eq!(all.len(), total, "every message reached bob across the two sessions");
+    assert_eq!(
+        all.len(),
+        total,
+        "every message reached bob across the two sessions"
+    );
 }
 
 #[tokio::test]
@@ -243,7 +339,9 @@ async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_i
         let (mut c, _) = inst.join(&format!("s{s}")).await;
         senders.push(tokio::spawn(async move {
             for i in 0..100 {
-                c.chat(&format!("r{}", i % 10), "c", &format!("{s}:{i}"), None).await.expect("send");
+                c.chat(&format!("r{}", i % 10), "c", &format!("{s}:{i}"), None)
+                    .await
+                    .expect("send");
             }
             for _ in 0..100 {
                 c.expect("message_accepted", T).await.expect("accepted");
@@ -257,10 +355,23 @@ async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_i
             let mut per_sender: HashMap<String, Vec<u32>> = HashMap::new();
             let mut ids = HashSet::new();
             while ids.len() < 100 {
-                let ev = c.expect("chat_message", Duration::from_secs(60)).await.unwrap_or_else(|e| panic!("r{r}: {e}"));
-                assert!(ids.insert(ev.data["id"].as_str().expect("id").to_owned()), "duplicate on r{r}");
-                let (s, i) = ev.data["message"].as_str().expect("text").split_once(':').expect("s:i");
-                per_sender.entry(s.to_owned()).or_default().push(i.parse().expect("i"));
+                let ev = c
+                    .expect("chat_message", Duration::from_secs(60))
+                    .await
+                    .unwrap_or_else(|e| panic!("r{r}: {e}"));
+                assert!(
+                    ids.insert(ev.data["id"].as_str().expect("id").to_owned()),
+                    "duplicate on r{r}"
+                );
+                let (s, i) = ev.data["message"]
+                    .as_str()
+                    .expect("text")
+                    .split_once(':')
+                    .expect("s:i");
+                per_sender
+                    .entry(s.to_owned())
+                    .or_default()
+                    .push(i.parse().expect("i"));
             }
             per_sender
         }));
@@ -272,7 +383,10 @@ async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_i
         let per_sender = r.await.expect("reader");
         assert_eq!(per_sender.len(), 10);
         for seq in per_sender.values() {
-            assert!(seq.windows(2).all(|w| w[0] < w[1]), "per-sender order: {seq:?}");
+            assert!(
+                seq.windows(2).all(|w| w[0] < w[1]),
+                "per-sender order: {seq:?}"
+            );
         }
     }
 }
@@ -290,11 +404,27 @@ async fn the_drain_query_uses_an_index() {
         .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": filter, "sort": {"_id": 1}}, "verbosity": "queryPlanner"})
         .await
         .expect("explain");
-    let plan = explain.get_document("queryPlanner").expect("plan").get_document("winningPlan").expect("winning").to_string();
+    let plan = explain
+        .get_document("queryPlanner")
+        .expect("plan")
+        .get_document("winningPlan")
+        .expect("winning")
+        .to_string();
     assert!(plan.contains("IXSCAN"), "drain uses an index scan: {plan}");
     assert!(!plan.contains("COLLSCAN"), "no collection scan: {plan}");
-    let indexes: Vec<String> = messages(&rs, &db).await.list_index_names().await.expect("indexes");
-    for name in ["receiver_1", "delivered_1", "receiver_1_delivered_1", "receiver_1_delivered_1__id_1", "sender_1_clientMsgId_1", "deliveredAt_ttl"] {
+    let indexes: Vec<String> = messages(&rs, &db)
+        .await
+        .list_index_names()
+        .await
+        .expect("indexes");
+    for name in [
+        "receiver_1",
+        "delivered_1",
+        "receiver_1_delivered_1",
+        "receiver_1_delivered_1__id_1",
+        "sender_1_clientMsgId_1",
+        "deliveredAt_ttl",
+    ] {
         assert!(indexes.contains(&name.to_owned()), "{name} in {indexes:?}");
     }
     drop(a);
@@ -309,19 +439,38 @@ async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
     let a = Instance::start(config).await;
     let (mut bob, _) = a.join("bob").await;
     let (mut alice, _) = a.join("alice").await;
-    let id = send(&mut alice, "bob", "ack me", None).await["id"].as_str().expect("id").to_owned();
+    let id = send(&mut alice, "bob", "ack me", None).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
     let first = bob.expect("chat_message", T).await.expect("live").data;
     assert_eq!(first["redelivery"], Value::Null);
     // No ack: the sweep re-sends it, marked, on the same socket.
-    let again = bob.expect("chat_message", T).await.expect("redelivered").data;
-    assert_eq!((again["id"].as_str(), again["redelivery"].as_bool()), (Some(id.as_str()), Some(true)));
+    let again = bob
+        .expect("chat_message", T)
+        .await
+        .expect("redelivered")
+        .data;
+    assert_eq!(
+        (again["id"].as_str(), again["redelivery"].as_bool()),
+        (Some(id.as_str()), Some(true))
+    );
     bob.ack(&[id.clone()]).await.expect("ack");
     let coll = messages(&rs, &db).await;
     let oid = ObjectId::parse_str(&id).expect("oid");
     wait_for("the ack", T, || async {
-        coll.find_one(doc! {"_id": oid, "ackedAt": {"$ne": null}}).await.ok().flatten()
+        coll.find_one(doc! {"_id": oid, "ackedAt": {"$ne": null}})
+            .await
+            .ok()
+            .flatten()
     })
     .await;
-    let docs: Vec<Document> = coll.find(doc! {}).await.expect("find").try_collect().await.expect("docs");
+    let docs: Vec<Document> = coll
+        .find(doc! {})
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("docs");
     assert_eq!(docs.len(), 1);
 }

@@ -10,11 +10,25 @@ use mongodb::options::WriteConcern;
 use crate::common::*;
 
 async fn insert_and_stream_then_step_down(rs: ReplicaSet) {
-    let coll = rs.client().await.database(&db_name("harness")).collection::<Document>("c");
+    let coll = rs
+        .client()
+        .await
+        .database(&db_name("harness"))
+        .collection::<Document>("c");
     let mut stream = coll.watch().await.expect("change stream");
-    coll.insert_one(doc! {"x": 1}).write_concern(WriteConcern::majority()).await.expect("insert");
-    let event = tokio::time::timeout(T, stream.next()).await.expect("event in time").expect("event").expect("ok");
-    assert_eq!(event.full_document.and_then(|d| d.get_i32("x").ok()), Some(1));
+    coll.insert_one(doc! {"x": 1})
+        .write_concern(WriteConcern::majority())
+        .await
+        .expect("insert");
+    let event = tokio::time::timeout(T, stream.next())
+        .await
+        .expect("event in time")
+        .expect("event")
+        .expect("ok");
+    assert_eq!(
+        event.full_document.and_then(|d| d.get_i32("x").ok()),
+        Some(1)
+    );
     let before = rs.wait_for_primary().await;
     let after = rs.step_down().await;
     assert_ne!(before, after, "a new primary was elected");
@@ -40,14 +54,23 @@ async fn serve_refuses_a_standalone_mongod() {
     let dir = tempfile::tempdir().expect("tmp");
     let port = free_port();
     let mut mongod = Command::new(mongod_path())
-        .args(["--bind_ip", "127.0.0.1", "--port", &port.to_string(), "--dbpath"])
+        .args([
+            "--bind_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--dbpath",
+        ])
         .arg(dir.path())
         .stdout(Stdio::null())
         .spawn()
         .expect("mongod");
     let output = Command::new(env!("CARGO_BIN_EXE_msgbuf"))
         .arg("serve")
-        .env("MSGBUF_MONGODB_URI", format!("mongodb://127.0.0.1:{port}/?directConnection=true"))
+        .env(
+            "MSGBUF_MONGODB_URI",
+            format!("mongodb://127.0.0.1:{port}/?directConnection=true"),
+        )
         .env("MSGBUF_JWT_SECRET", SECRET)
         .env("MSGBUF_BIND", format!("127.0.0.1:{}", free_port()))
         .output()
@@ -56,7 +79,10 @@ async fn serve_refuses_a_standalone_mongod() {
     let _ = mongod.wait();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "must exit non-zero");
-    assert!(stderr.contains("not a replica set member"), "says why: {stderr}");
+    assert!(
+        stderr.contains("not a replica set member"),
+        "says why: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -80,8 +106,12 @@ async fn embedded_default_runs_stops_cleanly_and_keeps_its_data() {
         (child, format!("http://127.0.0.1:{port}"))
     };
     let dev = msgbuf::auth::Auth::new(msgbuf::auth::INSECURE_DEV_SECRET, None, None);
-    let alice = dev.mint("alice", false, Duration::from_secs(600)).expect("token");
-    let bob = dev.mint("bob", false, Duration::from_secs(600)).expect("token");
+    let alice = dev
+        .mint("alice", false, Duration::from_secs(600))
+        .expect("token");
+    let bob = dev
+        .mint("bob", false, Duration::from_secs(600))
+        .expect("token");
 
     let (mut child, base) = start();
     wait_for("embedded /readyz", Duration::from_secs(90), || async {
@@ -89,19 +119,34 @@ async fn embedded_default_runs_stops_cleanly_and_keeps_its_data() {
     })
     .await;
     assert_eq!(http_get(&format!("{base}/healthz"), None).await.0, 200);
-    let (status, _) = http("POST", &format!("{base}/api/messages"), Some(&alice), Some(r#"{"to":"bob","chatId":"c","message":"kept"}"#)).await;
+    let (status, _) = http(
+        "POST",
+        &format!("{base}/api/messages"),
+        Some(&alice),
+        Some(r#"{"to":"bob","chatId":"c","message":"kept"}"#),
+    )
+    .await;
     assert_eq!(status, 201);
     sigterm_and_wait(&mut child, Duration::from_secs(20)).await;
-    assert!(std::net::TcpStream::connect(("127.0.0.1", mongo_port)).is_err(), "managed mongod stopped with msgbuf");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", mongo_port)).is_err(),
+        "managed mongod stopped with msgbuf"
+    );
 
     let (mut child, base) = start();
-    wait_for("embedded /readyz after restart", Duration::from_secs(90), || async {
-        (http_get(&format!("{base}/readyz"), None).await.0 == 200).then_some(())
-    })
+    wait_for(
+        "embedded /readyz after restart",
+        Duration::from_secs(90),
+        || async { (http_get(&format!("{base}/readyz"), None).await.0 == 200).then_some(()) },
+    )
     .await;
     let (status, body) = http_get(&format!("{base}/api/messages/buffered/bob"), Some(&bob)).await;
     assert_eq!(status, 200);
-    assert_eq!(json(&body)["messages"][0]["message"], "kept", "data survived the restart");
+    assert_eq!(
+        json(&body)["messages"][0]["message"],
+        "kept",
+        "data survived the restart"
+    );
     sigterm_and_wait(&mut child, Duration::from_secs(20)).await;
 }
 

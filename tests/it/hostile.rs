@@ -24,25 +24,49 @@ async fn every_protocol_error_gets_its_error_event_and_the_socket_stays_open() {
     config.max_connections_per_user = 2;
     let a = Instance::start(config).await;
     let (mut c, _) = a.join("mallory").await;
-    let big = format!(r#"{{"event":"chat_message","data":{{"to":"bob","chatId":"c","message":"{}","clientMsgId":"big"}}}}"#, "x".repeat(16_385));
+    let big = format!(
+        r#"{{"event":"chat_message","data":{{"to":"bob","chatId":"c","message":"{}","clientMsgId":"big"}}}}"#,
+        "x".repeat(16_385)
+    );
     for (frame, code) in [
         ("not json".to_owned(), "bad_request"),
         (r#"{"event":"dance","data":{}}"#.to_owned(), "bad_request"),
-        (r#"{"event":"chat_message","data":{"to":"bob"}}"#.to_owned(), "bad_request"),
-        (r#"{"event":"chat_message","data":{"to":7,"chatId":"c","message":"m"}}"#.to_owned(), "bad_request"),
-        (r#"{"event":"ack","data":{"ids":["zz"]}}"#.to_owned(), "bad_request"),
-        (r#"{"event":"join_chat","data":{"userId":"bob"}}"#.to_owned(), "forbidden"),
+        (
+            r#"{"event":"chat_message","data":{"to":"bob"}}"#.to_owned(),
+            "bad_request",
+        ),
+        (
+            r#"{"event":"chat_message","data":{"to":7,"chatId":"c","message":"m"}}"#.to_owned(),
+            "bad_request",
+        ),
+        (
+            r#"{"event":"ack","data":{"ids":["zz"]}}"#.to_owned(),
+            "bad_request",
+        ),
+        (
+            r#"{"event":"join_chat","data":{"userId":"bob"}}"#.to_owned(),
+            "forbidden",
+        ),
         (big, "too_large"),
     ] {
         c.send_raw(frame.clone()).await.expect("send");
-        assert_eq!(error_code(&mut c).await, code, "{}", &frame[..frame.len().min(80)]);
+        assert_eq!(
+            error_code(&mut c).await,
+            code,
+            "{}",
+            &frame[..frame.len().min(80)]
+        );
     }
-    c.send_message(Message::Binary(vec![1, 2, 3].into())).await.expect("binary");
+    c.send_message(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .expect("binary");
     assert_eq!(error_code(&mut c).await, "bad_request");
 
     // Rate limit: a burst of 3, then `rate_limited` with the clientMsgId.
     for i in 0..6 {
-        c.chat("bob", "c", "m", Some(&format!("r{i}"))).await.expect("send");
+        c.chat("bob", "c", "m", Some(&format!("r{i}")))
+            .await
+            .expect("send");
     }
     let mut limited = 0;
     for _ in 0..6 {
@@ -56,7 +80,9 @@ async fn every_protocol_error_gets_its_error_event_and_the_socket_stays_open() {
     assert!(limited >= 2, "some sends were rate limited ({limited})");
 
     // Still open and usable.
-    c.send_raw(r#"{"event":"join_chat","data":{}}"#.to_owned()).await.expect("send");
+    c.send_raw(r#"{"event":"join_chat","data":{}}"#.to_owned())
+        .await
+        .expect("send");
     c.expect("joined", T).await.expect("socket still open");
 
     // Per-user connection limit (2): a third socket is refused before the upgrade.
@@ -86,19 +112,27 @@ async fn oversized_frames_close_with_1009_and_invalid_utf8_with_1007() {
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     s.write_all(&frame).await.expect("write");
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(T, s.read(&mut buf)).await.expect("answer").expect("read");
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .expect("answer")
+        .expect("read");
     assert!(n >= 4 && buf[0] == 0x88, "a close frame");
     assert_eq!(u16::from_be_bytes([buf[2], buf[3]]), 1007);
 
     // Others are unaffected.
     let (mut bob, _) = a.join("bob").await;
     let (mut alice, _) = a.join("alice").await;
-    alice.chat("bob", "c", "still fine", None).await.expect("send");
+    alice
+        .chat("bob", "c", "still fine", None)
+        .await
+        .expect("send");
     bob.expect("chat_message", T).await.expect("delivered");
 }
 
 async fn raw_upgrade(a: &Instance, token: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(a.addr).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(a.addr)
+        .await
+        .expect("connect");
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n",
         a.addr
@@ -110,7 +144,11 @@ async fn raw_upgrade(a: &Instance, token: &str) -> tokio::net::TcpStream {
         s.read_exact(&mut byte).await.expect("read head");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -123,17 +161,30 @@ async fn bad_tokens_get_401_and_no_upgrade_and_slow_handshakes_time_out() {
     let a = Instance::start(config).await;
     let good = token("bob");
     let payload = good.split('.').nth(1).expect("payload");
-    let wrong = msgbuf::auth::Auth::new("nope", None, None).mint("bob", false, Duration::from_secs(60)).expect("mint");
-    for bad in [format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}."), expired_token("bob"), wrong, "garbage".to_owned()] {
+    let wrong = msgbuf::auth::Auth::new("nope", None, None)
+        .mint("bob", false, Duration::from_secs(60))
+        .expect("mint");
+    for bad in [
+        format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}."),
+        expired_token("bob"),
+        wrong,
+        "garbage".to_owned(),
+    ] {
         match WsClient::connect(&a.ws_url(), &bad).await {
-            Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => assert_eq!(resp.status(), 401),
+            Err(ClientError::Ws(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                assert_eq!(resp.status(), 401)
+            }
             Err(e) => panic!("expected HTTP 401, got {e}"),
             Ok(_) => panic!("upgraded with a bad token"),
         }
     }
     // Slow loris: a request head that never ends is cut off.
-    let mut s = tokio::net::TcpStream::connect(a.addr).await.expect("connect");
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let mut s = tokio::net::TcpStream::connect(a.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
     let mut buf = [0u8; 256];
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
