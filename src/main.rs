@@ -221,7 +221,8 @@ async fn smoke(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let auth = Auth::new(secret, None, None);
-    let run = std::process::id();
+    // Unique per run (a container's pid is always the same): fresh users and clientMsgIds.
+    let run = mongodb::bson::oid::ObjectId::new().to_hex();
     let (alice, bob) = (format!("smoke-alice-{run}"), format!("smoke-bob-{run}"));
     let ttl = Duration::from_secs(600);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -237,7 +238,7 @@ async fn smoke(
                 &bob,
                 "smoke",
                 &format!("smoke message {i}"),
-                Some(&format!("smoke-{i}")),
+                Some(&format!("smoke-{run}-{i}")),
             )
             .await?;
             let ev = tx.next_event(left()).await?;

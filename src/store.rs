@@ -350,14 +350,18 @@ impl Store {
         Ok(won.is_some())
     }
 
-    /// The drain filter: undelivered, or pushed and unacknowledged for longer than the ack timeout.
-    pub fn pending_filter(user: &str, ack_timeout: Duration) -> Document {
-        let cutoff = DateTime::from_millis(
-            DateTime::now().timestamp_millis() - ack_timeout.as_millis() as i64,
-        );
+    /// The drain filter of a session registered at `joined_at`: undelivered messages,
+    /// pushed-but-unacknowledged ones past the ack timeout, and anything pushed since the
+    /// session registered (it may sit in the session's queue behind the drain; draining it
+    /// in `_id` order keeps one sender's messages in order, and the queued copy is skipped).
+    pub fn pending_filter(user: &str, ack_timeout: Duration, joined_at: DateTime) -> Document {
+        let cutoff = overdue_cutoff(ack_timeout);
+        // Margin for clock differences between instances (pushedAt is each instance's clock).
+        let since = DateTime::from_millis(joined_at.timestamp_millis() - JOIN_CLOCK_MARGIN_MS);
         doc! {"receiver": user, "$or": [
             {"delivered": false},
             {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
+            {"delivered": true, "pushedAt": {"$gte": since}},
         ]}
     }
 
@@ -365,10 +369,11 @@ impl Store {
         &self,
         user: &str,
         ack_timeout: Duration,
+        joined_at: DateTime,
     ) -> Result<u64, StoreError> {
         Ok(self
             .raw
-            .count_documents(Self::pending_filter(user, ack_timeout))
+            .count_documents(Self::pending_filter(user, ack_timeout, joined_at))
             .await?)
     }
 
@@ -377,10 +382,11 @@ impl Store {
         &self,
         user: &str,
         ack_timeout: Duration,
+        joined_at: DateTime,
     ) -> Result<mongodb::Cursor<BufferedMessage>, StoreError> {
         Ok(self
             .messages
-            .find(Self::pending_filter(user, ack_timeout))
+            .find(Self::pending_filter(user, ack_timeout, joined_at))
             .sort(doc! {"_id": 1})
             .batch_size(1000)
             .await?)
@@ -570,6 +576,20 @@ impl Store {
             .delete_one(doc! {"_id": instance})
             .await?;
         Ok(())
+    }
+}
+
+const JOIN_CLOCK_MARGIN_MS: i64 = 5_000;
+
+/// Pushes before this instant without an ack are overdue for a re-send.
+pub fn overdue_cutoff(ack_timeout: Duration) -> DateTime {
+    DateTime::from_millis(DateTime::now().timestamp_millis() - ack_timeout.as_millis() as i64)
+}
+
+impl BufferedMessage {
+    /// Pushed, unacknowledged, and past its ack timeout (`cutoff` from [`overdue_cutoff`]).
+    pub fn is_overdue(&self, cutoff: DateTime) -> bool {
+        self.delivered && self.acked_at.is_none() && self.pushed_at.is_some_and(|p| p < cutoff)
     }
 }
 

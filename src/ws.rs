@@ -116,6 +116,8 @@ struct Session {
     sent: RecentIds,
     inflight: FuturesOrdered<Reply>,
     limiter: DefaultDirectRateLimiter,
+    /// When this socket registered as a session (the drain covers pushes since then).
+    joined_at: Option<mongodb::bson::DateTime>,
 }
 
 enum Flow {
@@ -137,6 +139,7 @@ impl Session {
             overflow: CancellationToken::new(),
             sent: RecentIds::default(),
             inflight: FuturesOrdered::new(),
+            joined_at: None,
         }
     }
 
@@ -317,6 +320,10 @@ impl Session {
     /// drain or queued live (and then skipped here if it was both).
     async fn join(&mut self, socket: &mut WebSocket) -> Flow {
         let user = self.claims.sub.clone();
+        // Taken before registering: every push to this session happens after it.
+        let joined_at = *self
+            .joined_at
+            .get_or_insert_with(mongodb::bson::DateTime::now);
         if let Some(queue) = self
             .guard
             .join(self.state.config.queue_capacity, self.overflow.clone())
@@ -325,7 +332,7 @@ impl Session {
         }
         let store = &self.state.store;
         let ack_timeout = self.state.config.ack_timeout;
-        let pending = match store.count_pending(&user, ack_timeout).await {
+        let pending = match store.count_pending(&user, ack_timeout, joined_at).await {
             Ok(n) => n,
             Err(e) => {
                 let e = ProtocolError::from(AppError::from(e));
@@ -340,7 +347,7 @@ impl Session {
         if let Flow::Gone = send(socket, protocol::frame("joined", &joined).into()).await {
             return Flow::Gone;
         }
-        match self.drain(socket, &user).await {
+        match self.drain(socket, &user, joined_at).await {
             Ok(flow) => flow,
             Err(e) => {
                 // What was not drained stays pending; the redelivery sweep or the next join
@@ -355,12 +362,15 @@ impl Session {
         &mut self,
         socket: &mut WebSocket,
         user: &str,
+        joined_at: mongodb::bson::DateTime,
     ) -> Result<Flow, crate::store::StoreError> {
         let delivery = self.state.delivery.clone();
+        let ack_timeout = self.state.config.ack_timeout;
+        let cutoff = crate::store::overdue_cutoff(ack_timeout);
         let mut cursor = self
             .state
             .store
-            .pending(user, self.state.config.ack_timeout)
+            .pending(user, ack_timeout, joined_at)
             .await?;
         let mut claim = Vec::new();
         let mut resent = Vec::new();
@@ -368,13 +378,14 @@ impl Session {
         while let Some(msg) = cursor.next().await {
             let msg = msg?;
             if self.sent.insert(msg.id) {
-                let frame = protocol::frame("chat_message", &msg.to_wire(msg.delivered));
+                let overdue = msg.is_overdue(cutoff);
+                let frame = protocol::frame("chat_message", &msg.to_wire(overdue));
                 if socket.feed(Message::Text(frame.into())).await.is_err() {
                     return Ok(Flow::Gone);
                 }
-                if msg.delivered {
+                if overdue {
                     resent.push(msg.id);
-                } else {
+                } else if !msg.delivered {
                     claim.push(msg.id);
                 }
                 in_page += 1;

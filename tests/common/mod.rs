@@ -4,6 +4,8 @@
 //! stopped and removed when its handle drops.
 #![allow(dead_code)]
 
+pub mod traffic;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -498,4 +500,146 @@ pub async fn messages(rs: &ReplicaSet, db: &str) -> mongodb::Collection<Document
         .await
         .database(db)
         .collection(msgbuf::store::MESSAGES)
+}
+
+/// An msgbuf instance as a child process of the test (so it can be killed, frozen, restarted).
+pub struct ProcInstance {
+    pub id: String,
+    pub port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcInstance {
+    /// Starts `msgbuf serve` against `uri`/`db` as instance `id`, with extra `MSGBUF_*` settings.
+    pub async fn start(uri: &str, db: &str, id: &str, extra: &[(&str, &str)]) -> ProcInstance {
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("MSGBUF_MONGODB_URI".into(), uri.into()),
+            ("MSGBUF_DB".into(), db.into()),
+            ("MSGBUF_BIND".into(), format!("127.0.0.1:{port}")),
+            ("MSGBUF_JWT_SECRET".into(), SECRET.into()),
+            ("MSGBUF_INSTANCE_ID".into(), id.into()),
+            ("MSGBUF_LOG".into(), "info,mongodb=warn".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let log = dir.path().join(format!("{id}.log"));
+        let mut p = ProcInstance {
+            id: id.into(),
+            port,
+            env,
+            child: None,
+            log,
+            _dir: dir,
+        };
+        p.spawn().await;
+        p
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+            .arg("serve")
+            .env_remove("MSGBUF_MONGODB_URI")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn msgbuf");
+        self.child = Some(child);
+        let url = self.http("/readyz");
+        wait_for(
+            &format!("instance {} ready", self.id),
+            Duration::from_secs(60),
+            || async { (http_get(&url, None).await.0 == 200).then_some(()) },
+        )
+        .await;
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// `kill -9`, reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status and how long the exit took.
+    pub async fn terminate(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().expect("running");
+        let started = Instant::now();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let status = wait_for("the instance to exit", limit, || {
+            let s = c.try_wait().expect("try_wait");
+            async move { s }
+        })
+        .await;
+        (status, started.elapsed())
+    }
+
+    /// Starts it again with the same id, port and settings.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn().await;
+    }
+
+    /// A metric's value from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = http_get(&self.http("/metrics"), None).await;
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// User + system CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Duration::from_millis(ticks * 10)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ProcInstance {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill9();
+    }
 }

@@ -396,7 +396,11 @@ async fn the_drain_query_uses_an_index() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("explain");
     let a = Instance::start(test_config(&rs, &db, "A")).await;
-    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
+    let filter = msgbuf::store::Store::pending_filter(
+        "bob",
+        Duration::from_secs(30),
+        mongodb::bson::DateTime::now(),
+    );
     let explain = rs
         .client()
         .await
@@ -473,4 +477,107 @@ async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
         .await
         .expect("docs");
     assert_eq!(docs.len(), 1);
+}
+
+/// Command monitoring: what msgbuf actually sends to MongoDB.
+#[tokio::test]
+async fn inserts_and_claims_use_majority_write_concern_and_drains_majority_reads() {
+    use mongodb::event::command::CommandEvent;
+    use std::sync::{Arc, Mutex};
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("concern_audit");
+    let seen: Arc<Mutex<Vec<Document>>> = Arc::default();
+    let sink = seen.clone();
+    let mut options = mongodb::options::ClientOptions::parse(&rs.uri)
+        .await
+        .expect("options");
+    options.command_event_handler = Some(mongodb::event::EventHandler::callback(
+        move |ev: CommandEvent| {
+            if let CommandEvent::Started(s) = ev {
+                if let Ok(mut v) = sink.lock() {
+                    v.push(s.command);
+                }
+            }
+        },
+    ));
+    let client = mongodb::Client::with_options(options).expect("client");
+    let config = test_config(&rs, &db, "A");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = msgbuf::Server::start(config, client, shutdown.clone())
+        .await
+        .expect("start");
+    let addr = server.local_addr();
+    let task = tokio::spawn(server.run());
+    let url = format!("ws://{addr}/ws");
+    let mut alice = WsClient::connect(&url, &token("alice"))
+        .await
+        .expect("alice");
+    for i in 0..3 {
+        alice
+            .chat("bob", "c", &format!("offline {i}"), None)
+            .await
+            .expect("send");
+        alice.expect("message_accepted", T).await.expect("accepted");
+    }
+    let mut bob = WsClient::connect(&url, &token("bob")).await.expect("bob");
+    bob.join(T).await.expect("join");
+    for _ in 0..3 {
+        bob.expect("chat_message", T).await.expect("drained");
+    }
+    alice.join(T).await.expect("join");
+    bob.chat("alice", "c", "live", None).await.expect("send");
+    alice.expect("chat_message", T).await.expect("live");
+    let coll = messages(&rs, &db).await;
+    wait_for("all claimed", T, || async {
+        (coll.count_documents(doc! {"delivered": false}).await.ok()? == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("join").expect("exit");
+
+    let commands = seen.lock().expect("commands").clone();
+    let on_messages = |name: &str| -> Vec<Document> {
+        commands
+            .iter()
+            .filter(|c| c.get_str(name).ok() == Some(msgbuf::store::MESSAGES))
+            .cloned()
+            .collect()
+    };
+    let majority = |c: &Document| {
+        c.get_document("writeConcern")
+            .ok()
+            .and_then(|w| w.get_str("w").ok())
+            == Some("majority")
+    };
+    let inserts = on_messages("insert");
+    let claims: Vec<Document> = on_messages("update")
+        .into_iter()
+        .chain(on_messages("findAndModify"))
+        .collect();
+    let finds = on_messages("find");
+    assert!(
+        inserts.len() >= 4 && inserts.iter().all(majority),
+        "inserts with w:majority: {inserts:?}"
+    );
+    assert!(
+        !claims.is_empty() && claims.iter().all(majority),
+        "claims with w:majority: {claims:?}"
+    );
+    let drains: Vec<&Document> = finds
+        .iter()
+        .filter(|f| {
+            f.get_document("filter")
+                .is_ok_and(|d| d.get_str("receiver").ok() == Some("bob"))
+        })
+        .collect();
+    assert!(!drains.is_empty(), "a drain query ran");
+    for d in drains {
+        assert_eq!(
+            d.get_document("readConcern")
+                .ok()
+                .and_then(|r| r.get_str("level").ok()),
+            Some("majority"),
+            "{d:?}"
+        );
+    }
 }

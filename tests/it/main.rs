@@ -5,5 +5,6 @@ mod common;
 
 mod api;
 mod delivery;
+mod faults;
 mod harness;
 mod hostile;
