@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print a JWT for USER signed with MSGBUF_JWT_SECRET.
     Token {
         user: String,
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Serve(config) => serve(config).await,
+        Command::Serve(config) => serve(*config).await,
         Command::Token {
             user,
             admin,

@@ -288,7 +288,7 @@ impl Session {
             }
             ClientEvent::Ack { ids } => {
                 let parsed: Result<Vec<ObjectId>, _> =
-                    ids.iter().map(|id| ObjectId::parse_str(id)).collect();
+                    ids.iter().map(ObjectId::parse_str).collect();
                 let Ok(ids) = parsed else {
                     return self
                         .protocol_error(

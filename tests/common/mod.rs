@@ -72,7 +72,7 @@ fn docker() -> &'static Cli {
 
 enum Member {
     Container {
-        container: Container<'static, GenericImage>,
+        container: Box<Container<'static, GenericImage>>,
     },
     Process {
         child: Option<Child>,
@@ -269,7 +269,7 @@ fn start_container(mut args: Vec<String>) -> Member {
     args.extend(["--dbpath".to_owned(), "/data/db".to_owned()]);
     let runnable = RunnableImage::from((generic, args)).with_network("host");
     Member::Container {
-        container: docker().run(runnable),
+        container: Box::new(docker().run(runnable)),
     }
 }
 

@@ -459,7 +459,7 @@ async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
         (again["id"].as_str(), again["redelivery"].as_bool()),
         (Some(id.as_str()), Some(true))
     );
-    bob.ack(&[id.clone()]).await.expect("ack");
+    bob.ack(std::slice::from_ref(&id)).await.expect("ack");
     let coll = messages(&rs, &db).await;
     let oid = ObjectId::parse_str(&id).expect("oid");
     wait_for("the ack", T, || async {
