@@ -150,6 +150,18 @@ mod tests {
             token.split('.').nth(1).expect("payload")
         );
         assert!(auth.verify(&none).is_err(), "alg none must fail");
+        let scoped = Auth::new("s3cret", Some("chat".into()), Some("issuer-1".into()));
+        let scoped_token = scoped
+            .mint("alice", false, Duration::from_secs(60))
+            .expect("mint");
+        assert!(scoped.verify(&scoped_token).is_ok(), "matching aud/iss");
+        assert!(
+            scoped.verify(&token).is_err(),
+            "aud/iss required when configured"
+        );
+        let other_aud = Auth::new("s3cret", Some("other".into()), Some("issuer-1".into()));
+        assert!(other_aud.verify(&scoped_token).is_err(), "wrong aud");
+
         assert!(!is_valid_user_id("a b"));
         assert!(!is_valid_user_id(""));
         assert!(is_valid_user_id("bob@example.com"));

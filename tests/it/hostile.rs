@@ -197,3 +197,60 @@ async fn bad_tokens_get_401_and_no_upgrade_and_slow_handshakes_time_out() {
     .await;
     assert!(closed.is_ok(), "the server closed the slow connection");
 }
+
+#[tokio::test]
+async fn origins_outside_the_allowed_list_are_refused() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("origins");
+    let mut config = test_config(&rs, &db, "A");
+    config.allowed_origins = vec!["https://chat.example".to_owned()];
+    let a = Instance::start(config).await;
+    let attempt = |origin: &'static str| {
+        let url = a.ws_url();
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut req = url.into_client_request().expect("request");
+            req.headers_mut().insert(
+                "Authorization",
+                format!("Bearer {}", token("bob")).parse().expect("header"),
+            );
+            req.headers_mut()
+                .insert("Origin", origin.parse().expect("origin"));
+            tokio_tungstenite::connect_async(req)
+                .await
+                .map(|_| ())
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => resp.status().as_u16(),
+                    _ => 0,
+                })
+        }
+    };
+    assert_eq!(attempt("https://evil.example").await, Err(403));
+    assert!(attempt("https://chat.example").await.is_ok());
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_a_secret_and_token_mints_valid_tokens() {
+    let rs = ReplicaSet::start(1).await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+        .arg("serve")
+        .env("MSGBUF_MONGODB_URI", &rs.uri)
+        .env_remove("MSGBUF_JWT_SECRET")
+        .env_remove("MSGBUF_INSECURE_DEV")
+        .env("MSGBUF_BIND", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("MSGBUF_JWT_SECRET is not set"));
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+        .args(["token", "carol", "--admin", "--ttl", "1h"])
+        .env("MSGBUF_JWT_SECRET", SECRET)
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let minted = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let claims = auth().verify(&minted).expect("valid token");
+    assert_eq!((claims.sub.as_str(), claims.is_admin()), ("carol", true));
+    assert!(claims.exp <= msgbuf::auth::unix_now() + 3600);
+}
