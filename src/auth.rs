@@ -54,7 +54,10 @@ impl Auth {
     pub fn new(secret: &str, audience: Option<String>, issuer: Option<String>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        required.extend(audience.as_ref().map(|_| "aud"));
+        required.extend(issuer.as_ref().map(|_| "iss"));
+        validation.set_required_spec_claims(&required);
         validation.leeway = 5;
         match &audience {
             Some(aud) => validation.set_audience(&[aud]),
