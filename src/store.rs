@@ -424,18 +424,8 @@ impl Store {
         after: Option<ObjectId>,
         limit: i64,
     ) -> Result<Vec<BufferedMessage>, StoreError> {
-        let mut filter = doc! {"receiver": {"$in": users}, "delivered": false};
-        if let Some(after) = after {
-            filter.insert("_id", doc! {"$gt": after});
-        }
-        Ok(self
-            .messages
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+        self.undelivered_page(doc! {"$in": users}.into(), after, limit)
+            .await
     }
 
     /// Records acks from `user` (only on messages addressed to them). The pipeline copies the
@@ -458,7 +448,16 @@ impl Store {
         after: Option<ObjectId>,
         limit: i64,
     ) -> Result<Vec<BufferedMessage>, StoreError> {
-        let mut filter = doc! {"receiver": user, "delivered": false};
+        self.undelivered_page(user.into(), after, limit).await
+    }
+
+    async fn undelivered_page(
+        &self,
+        receiver: mongodb::bson::Bson,
+        after: Option<ObjectId>,
+        limit: i64,
+    ) -> Result<Vec<BufferedMessage>, StoreError> {
+        let mut filter = doc! {"receiver": receiver, "delivered": false};
         if let Some(after) = after {
             filter.insert("_id", doc! {"$gt": after});
         }

@@ -11,6 +11,13 @@ use crate::common::*;
 
 const ACK: (&str, &str) = ("MSGBUF_ACK_TIMEOUT", "2s");
 
+/// Instances A and B as processes, with a 2 s ack timeout.
+async fn pair(rs: &ReplicaSet, db: &str) -> (ProcInstance, ProcInstance) {
+    let a = ProcInstance::start(&rs.uri, db, "A", &[ACK]).await;
+    let b = ProcInstance::start(&rs.uri, db, "B", &[ACK]).await;
+    (a, b)
+}
+
 fn check(report: Report) {
     println!("RELIABILITY {report}");
     assert_eq!(report.lost, 0, "accepted messages lost: {report}");
@@ -21,9 +28,7 @@ fn check(report: Report) {
 #[tokio::test]
 async fn kill_9_of_one_of_two_instances_during_traffic_loses_nothing() {
     let rs = ReplicaSet::start(1).await;
-    let db = db_name("fault_kill9");
-    let a = ProcInstance::start(&rs.uri, &db, "A", &[ACK]).await;
-    let mut b = ProcInstance::start(&rs.uri, &db, "B", &[ACK]).await;
+    let (a, mut b) = pair(&rs, &db_name("fault_kill9")).await;
     let traffic = Traffic::start(
         "kill9",
         vec![a.ws_url(), b.ws_url()],
@@ -54,9 +59,7 @@ async fn primary_step_down_and_kill_9_of_the_primary_during_traffic_loses_nothin
     if rs.is_external() {
         return;
     }
-    let db = db_name("fault_failover");
-    let a = ProcInstance::start(&rs.uri, &db, "A", &[ACK]).await;
-    let b = ProcInstance::start(&rs.uri, &db, "B", &[ACK]).await;
+    let (a, b) = pair(&rs, &db_name("fault_failover")).await;
     let traffic = Traffic::start(
         "failover",
         vec![a.ws_url(), b.ws_url()],
@@ -128,9 +131,7 @@ async fn mongodb_down_for_ten_seconds_turns_readyz_503_then_200_and_loses_nothin
 #[tokio::test]
 async fn every_instance_restarted_while_receivers_are_offline_then_all_is_drained() {
     let rs = ReplicaSet::start(1).await;
-    let db = db_name("fault_restart_all");
-    let mut a = ProcInstance::start(&rs.uri, &db, "A", &[ACK]).await;
-    let mut b = ProcInstance::start(&rs.uri, &db, "B", &[ACK]).await;
+    let (mut a, mut b) = pair(&rs, &db_name("fault_restart_all")).await;
     // Senders only: the receivers are offline.
     let senders = Traffic::offline(
         "restartall",
@@ -191,8 +192,7 @@ async fn senders_stop(t: Traffic) -> Report {
 async fn sigterm_during_traffic_exits_zero_within_ten_seconds_and_saves_the_token() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("fault_sigterm");
-    let mut a = ProcInstance::start(&rs.uri, &db, "A", &[ACK]).await;
-    let b = ProcInstance::start(&rs.uri, &db, "B", &[ACK]).await;
+    let (mut a, b) = pair(&rs, &db).await;
     let checkpoints = rs
         .client()
         .await
@@ -479,8 +479,7 @@ async fn an_idle_stream_keeps_its_checkpoint_advancing_and_resumes_after_restart
 async fn a_frozen_instance_is_covered_by_redelivery_and_its_late_claims_change_nothing() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("fault_sigstop");
-    let a = ProcInstance::start(&rs.uri, &db, "A", &[ACK]).await;
-    let b = ProcInstance::start(&rs.uri, &db, "B", &[ACK]).await;
+    let (a, b) = pair(&rs, &db).await;
     let coll = messages(&rs, &db).await;
     let mut bob_a = msgbuf::client::WsClient::connect(&a.ws_url(), &token("bob"))
         .await
