@@ -350,18 +350,13 @@ impl Store {
         Ok(won.is_some())
     }
 
-    /// The drain filter of a session registered at `joined_at`: undelivered messages,
-    /// pushed-but-unacknowledged ones past the ack timeout, and anything pushed since the
-    /// session registered (it may sit in the session's queue behind the drain; draining it
-    /// in `_id` order keeps one sender's messages in order, and the queued copy is skipped).
-    pub fn pending_filter(user: &str, ack_timeout: Duration, joined_at: DateTime) -> Document {
+    /// The drain filter: undelivered messages, and pushed-but-unacknowledged ones past the
+    /// ack timeout.
+    pub fn pending_filter(user: &str, ack_timeout: Duration) -> Document {
         let cutoff = overdue_cutoff(ack_timeout);
-        // Margin for clock differences between instances (pushedAt is each instance's clock).
-        let since = DateTime::from_millis(joined_at.timestamp_millis() - JOIN_CLOCK_MARGIN_MS);
         doc! {"receiver": user, "$or": [
             {"delivered": false},
             {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
-            {"delivered": true, "pushedAt": {"$gte": since}},
         ]}
     }
 
@@ -369,11 +364,10 @@ impl Store {
         &self,
         user: &str,
         ack_timeout: Duration,
-        joined_at: DateTime,
     ) -> Result<u64, StoreError> {
         Ok(self
             .raw
-            .count_documents(Self::pending_filter(user, ack_timeout, joined_at))
+            .count_documents(Self::pending_filter(user, ack_timeout))
             .await?)
     }
 
@@ -382,11 +376,10 @@ impl Store {
         &self,
         user: &str,
         ack_timeout: Duration,
-        joined_at: DateTime,
     ) -> Result<mongodb::Cursor<BufferedMessage>, StoreError> {
         Ok(self
             .messages
-            .find(Self::pending_filter(user, ack_timeout, joined_at))
+            .find(Self::pending_filter(user, ack_timeout))
             .sort(doc! {"_id": 1})
             .batch_size(1000)
             .await?)
@@ -577,8 +570,6 @@ impl Store {
         Ok(())
     }
 }
-
-const JOIN_CLOCK_MARGIN_MS: i64 = 5_000;
 
 /// Pushes before this instant without an ack are overdue for a re-send.
 pub fn overdue_cutoff(ack_timeout: Duration) -> DateTime {

@@ -36,6 +36,8 @@ pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_QUEUE_FULL: u16 = 4001;
 
+const QUEUE_FULL_REASON: &str = "outbound queue full; undelivered messages wait for your next join";
+
 /// Sends in flight per socket before the socket stops reading (backpressure).
 const MAX_INFLIGHT: usize = 64;
 /// Ids remembered per socket to skip duplicates between a drain and live pushes.
@@ -116,8 +118,6 @@ struct Session {
     sent: RecentIds,
     inflight: FuturesOrdered<Reply>,
     limiter: DefaultDirectRateLimiter,
-    /// When this socket registered as a session (the drain covers pushes since then).
-    joined_at: Option<mongodb::bson::DateTime>,
 }
 
 enum Flow {
@@ -139,7 +139,6 @@ impl Session {
             overflow: CancellationToken::new(),
             sent: RecentIds::default(),
             inflight: FuturesOrdered::new(),
-            joined_at: None,
         }
     }
 
@@ -152,7 +151,7 @@ impl Session {
                 _ = shutdown.cancelled() => Flow::Close(CLOSE_GOING_AWAY, "server shutting down"),
                 _ = overflow.cancelled() => {
                     self.state.metrics.queue_full_disconnects.increment(1);
-                    Flow::Close(CLOSE_QUEUE_FULL, "outbound queue full; undelivered messages wait for your next join")
+                    Flow::Close(CLOSE_QUEUE_FULL, QUEUE_FULL_REASON)
                 }
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => match reply {
                     Some(frame) => send(&mut socket, frame.into()).await,
@@ -189,16 +188,10 @@ impl Session {
         let mut item = Some(first);
         let mut written = 0;
         while let Some(next) = item.take() {
-            let frame = match next {
-                Outbound::Chat { id, frame } => self.sent.insert(id).then_some(frame),
-                Outbound::Frame(frame) => Some(frame),
-            };
-            if let Some(frame) = frame {
-                if socket.feed(Message::Text(frame)).await.is_err() {
-                    return Flow::Gone;
-                }
-                written += 1;
+            if !self.feed_queued(socket, next).await {
+                return Flow::Gone;
             }
+            written += 1;
             if written < WRITE_BATCH {
                 item = self.queue.as_mut().and_then(|q| q.try_recv().ok());
             }
@@ -320,10 +313,6 @@ impl Session {
     /// drain or queued live (and then skipped here if it was both).
     async fn join(&mut self, socket: &mut WebSocket) -> Flow {
         let user = self.claims.sub.clone();
-        // Taken before registering: every push to this session happens after it.
-        let joined_at = *self
-            .joined_at
-            .get_or_insert_with(mongodb::bson::DateTime::now);
         if let Some(queue) = self
             .guard
             .join(self.state.config.queue_capacity, self.overflow.clone())
@@ -332,7 +321,7 @@ impl Session {
         }
         let store = &self.state.store;
         let ack_timeout = self.state.config.ack_timeout;
-        let pending = match store.count_pending(&user, ack_timeout, joined_at).await {
+        let pending = match store.count_pending(&user, ack_timeout).await {
             Ok(n) => n,
             Err(e) => {
                 let e = ProtocolError::from(AppError::from(e));
@@ -347,7 +336,7 @@ impl Session {
         if let Flow::Gone = send(socket, protocol::frame("joined", &joined).into()).await {
             return Flow::Gone;
         }
-        match self.drain(socket, &user, joined_at).await {
+        match self.drain(socket, &user).await {
             Ok(flow) => flow,
             Err(e) => {
                 // What was not drained stays pending; the redelivery sweep or the next join
@@ -358,25 +347,33 @@ impl Session {
         }
     }
 
+    /// Streams the pending messages, oldest first. Live pushes that reach this session's
+    /// queue meanwhile are merged in by id, so one sender's messages keep their order even
+    /// when a live copy was claimed (and so left out of the drain) before the query ran.
     async fn drain(
         &mut self,
         socket: &mut WebSocket,
         user: &str,
-        joined_at: mongodb::bson::DateTime,
     ) -> Result<Flow, crate::store::StoreError> {
         let delivery = self.state.delivery.clone();
         let ack_timeout = self.state.config.ack_timeout;
         let cutoff = crate::store::overdue_cutoff(ack_timeout);
-        let mut cursor = self
-            .state
-            .store
-            .pending(user, ack_timeout, joined_at)
-            .await?;
+        let mut cursor = self.state.store.pending(user, ack_timeout).await?;
+        let mut held = VecDeque::new();
         let mut claim = Vec::new();
         let mut resent = Vec::new();
         let mut in_page = 0;
         while let Some(msg) = cursor.next().await {
             let msg = msg?;
+            if !self.hold_queued(&mut held) {
+                self.state.metrics.queue_full_disconnects.increment(1);
+                return Ok(Flow::Close(CLOSE_QUEUE_FULL, QUEUE_FULL_REASON));
+            }
+            while let Some(item) = pop_before(&mut held, msg.id) {
+                if !self.feed_queued(socket, item).await {
+                    return Ok(Flow::Gone);
+                }
+            }
             if self.sent.insert(msg.id) {
                 let overdue = msg.is_overdue(cutoff);
                 let frame = protocol::frame("chat_message", &msg.to_wire(overdue));
@@ -399,12 +396,41 @@ impl Session {
                     .await;
             }
         }
+        self.hold_queued(&mut held);
+        while let Some(item) = held.pop_front() {
+            if !self.feed_queued(socket, item).await {
+                return Ok(Flow::Gone);
+            }
+        }
         if socket.flush().await.is_err() {
             return Ok(Flow::Gone);
         }
         self.record_drained(&delivery, &mut claim, &mut resent)
             .await;
         Ok(Flow::Continue)
+    }
+
+    /// Moves what the queue holds into `held`; false once more than a queue's worth is held
+    /// (the same bound as the queue itself: a drain does not lift the memory limit).
+    fn hold_queued(&mut self, held: &mut VecDeque<Outbound>) -> bool {
+        if let Some(queue) = self.queue.as_mut() {
+            while let Ok(item) = queue.try_recv() {
+                held.push_back(item);
+            }
+        }
+        held.len() <= self.state.config.queue_capacity
+    }
+
+    /// Feeds one queued frame unless its id was already written; false when the socket is gone.
+    async fn feed_queued(&mut self, socket: &mut WebSocket, item: Outbound) -> bool {
+        let frame = match item {
+            Outbound::Chat { id, frame } => self.sent.insert(id).then_some(frame),
+            Outbound::Frame(frame) => Some(frame),
+        };
+        match frame {
+            Some(frame) => socket.feed(Message::Text(frame)).await.is_ok(),
+            None => true,
+        }
     }
 
     async fn record_drained(
@@ -428,6 +454,16 @@ impl Session {
             });
         }
     }
+}
+
+/// The front of `held` if it may go out before drained message `next`: receipts and other
+/// frames always, chat messages with a smaller id (inserted earlier).
+fn pop_before(held: &mut VecDeque<Outbound>, next: ObjectId) -> Option<Outbound> {
+    let ready = match held.front()? {
+        Outbound::Frame(_) => true,
+        Outbound::Chat { id, .. } => *id < next,
+    };
+    ready.then(|| held.pop_front()).flatten()
 }
 
 async fn recv_queue(queue: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {

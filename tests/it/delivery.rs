@@ -303,11 +303,17 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
         let (mut bob, joined) = a.join("bob").await;
         let pending = joined["pending"].as_u64().expect("pending") as usize;
         assert!(pending <= total);
+        // This socket may be closed for a full queue too (16 slots, re-sends racing the
+        // drain): what it did not get waits for the next join.
         for _ in 0..pending {
-            let ev = bob.expect("chat_message", T).await.expect("drained");
+            let Ok(ev) = bob.expect("chat_message", T).await else {
+                break;
+            };
             let id = ev.data["id"].as_str().expect("id").to_owned();
-            bob.ack(std::slice::from_ref(&id)).await.expect("ack");
-            got.insert(id);
+            got.insert(id.clone());
+            if bob.ack(&[id]).await.is_err() {
+                break;
+            }
         }
         bob.close().await;
         if pending == 0 {
@@ -396,11 +402,7 @@ async fn the_drain_query_uses_an_index() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("explain");
     let a = Instance::start(test_config(&rs, &db, "A")).await;
-    let filter = msgbuf::store::Store::pending_filter(
-        "bob",
-        Duration::from_secs(30),
-        mongodb::bson::DateTime::now(),
-    );
+    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
     let explain = rs
         .client()
         .await
