@@ -25,8 +25,16 @@ use crate::store::{Accepted, BufferedMessage, Store, StoreError};
 const INSERT_SHARDS: usize = 4;
 const MAX_INSERT_BATCH: usize = 256;
 const MAX_CLAIM_BATCH: usize = 1000;
+const CLAIM_LINGER: Duration = Duration::from_millis(5);
+const MAX_ACK_BATCH: usize = 256;
 const SWEEP_USERS_PER_QUERY: usize = 500;
 const SWEEP_LIMIT: i64 = 1000;
+
+struct AckJob {
+    user: String,
+    ids: Vec<ObjectId>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
 
 struct InsertJob {
     msg: BufferedMessage,
@@ -41,6 +49,7 @@ pub struct Delivery {
     ack_timeout: Duration,
     inserts: Vec<mpsc::Sender<InsertJob>>,
     claims: mpsc::Sender<(ObjectId, DeliveryPath)>,
+    acks: mpsc::Sender<AckJob>,
 }
 
 impl Delivery {
@@ -70,6 +79,13 @@ impl Delivery {
             claim_rx,
             cancel.clone(),
         ));
+        let (acks, ack_rx) = mpsc::channel(4 * MAX_ACK_BATCH);
+        tracker.spawn(ack_loop(
+            store.clone(),
+            metrics.clone(),
+            ack_rx,
+            cancel.clone(),
+        ));
         Arc::new(Delivery {
             store,
             instance,
@@ -78,6 +94,7 @@ impl Delivery {
             ack_timeout,
             inserts,
             claims,
+            acks,
         })
     }
 
@@ -101,6 +118,16 @@ impl Delivery {
         let (reply, rx) = oneshot::channel();
         shard
             .send(InsertJob { msg, reply })
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        rx.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// Records `user`'s acks (batched with other sockets' acks into one write).
+    pub async fn ack(&self, user: String, ids: Vec<ObjectId>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.acks
+            .send(AckJob { user, ids, reply })
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
@@ -285,10 +312,21 @@ async fn claim_loop(
         };
         let Some(item) = item else { return };
         batch.push(item);
+        // A claim is bookkeeping (the push already happened): linger briefly so that one
+        // write records many deliveries and MongoDB syncs its journal less often.
+        let linger = tokio::time::sleep(CLAIM_LINGER);
+        tokio::pin!(linger);
         while batch.len() < MAX_CLAIM_BATCH {
             match rx.try_recv() {
                 Ok(item) => batch.push(item),
-                Err(_) => break,
+                Err(_) if closed => break,
+                Err(_) => tokio::select! {
+                    _ = &mut linger => break,
+                    item = rx.recv() => match item {
+                        Some(item) => batch.push(item),
+                        None => break,
+                    },
+                },
             }
         }
         for path in [
@@ -330,6 +368,53 @@ async fn claim_loop(
                     }
                 }
             }
+        }
+        batch.clear();
+    }
+}
+
+/// Groups acks from all sockets into one `updateMany` per batch (one round trip and one
+/// journal sync for many acks). Unlike claims there is no linger: an ack's write is what
+/// releases the sender's receipt, so batches form only from acks that queue up meanwhile.
+async fn ack_loop(
+    store: Store,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<AckJob>,
+    cancel: CancellationToken,
+) {
+    let mut closed = false;
+    let mut batch: Vec<(String, Vec<ObjectId>)> = Vec::with_capacity(MAX_ACK_BATCH);
+    let mut replies = Vec::with_capacity(MAX_ACK_BATCH);
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if !closed => {
+                rx.close();
+                closed = true;
+                continue;
+            }
+            job = rx.recv() => job,
+        };
+        let Some(job) = job else { return };
+        let mut next = Some(job);
+        while let Some(AckJob { user, ids, reply }) = next.take() {
+            batch.push((user, ids));
+            replies.push(reply);
+            if batch.len() < MAX_ACK_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = store.ack(&batch).await;
+        match &result {
+            Ok(n) => metrics.acks.increment(*n),
+            Err(e) => tracing::warn!(error = %e, n = batch.len(), "acks not recorded"),
+        }
+        for reply in replies.drain(..) {
+            let _ = reply.send(match &result {
+                Ok(_) => Ok(()),
+                Err(StoreError::Mongo(e)) => Err(StoreError::Mongo(e.clone())),
+                Err(_) => Err(StoreError::ShuttingDown),
+            });
         }
         batch.clear();
     }

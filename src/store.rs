@@ -421,13 +421,18 @@ impl Store {
             .await
     }
 
-    /// Records acks from `user` (only on messages addressed to them). The pipeline copies the
-    /// sender into `receiptFor`, so the change event carries who gets the receipt.
-    pub async fn ack(&self, user: &str, ids: &[ObjectId]) -> Result<u64, StoreError> {
+    /// Records acks, each only on messages addressed to the user who sent it, in one write.
+    /// The pipeline copies the sender into `receiptFor`, so the change event carries who gets
+    /// the receipt.
+    pub async fn ack(&self, acks: &[(String, Vec<ObjectId>)]) -> Result<u64, StoreError> {
+        let by_user: Vec<Document> = acks
+            .iter()
+            .map(|(user, ids)| doc! {"_id": {"$in": ids}, "receiver": user})
+            .collect();
         let r = self
             .raw
             .update_many(
-                doc! {"_id": {"$in": ids}, "receiver": user, "ackedAt": null},
+                doc! {"$or": by_user, "ackedAt": null},
                 vec![doc! {"$set": {"ackedAt": "$$NOW", "updatedAt": "$$NOW", "receiptFor": "$sender"}}],
             )
             .await?;
