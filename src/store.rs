@@ -371,18 +371,34 @@ impl Store {
             .await?)
     }
 
+    /// The two halves of [`Store::pending_filter`], each answered in `_id` order straight
+    /// from the `{receiver, delivered, _id}` index (no in-memory sort of a large backlog):
+    /// undelivered, and delivered-but-overdue.
+    pub fn drain_filters(user: &str, ack_timeout: Duration) -> [Document; 2] {
+        let cutoff = overdue_cutoff(ack_timeout);
+        [
+            doc! {"receiver": user, "delivered": false},
+            doc! {"receiver": user, "delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
+        ]
+    }
+
     /// Every pending message of `user`, oldest first, streamed in batches.
-    pub async fn pending(
-        &self,
-        user: &str,
-        ack_timeout: Duration,
-    ) -> Result<mongodb::Cursor<BufferedMessage>, StoreError> {
-        Ok(self
-            .messages
-            .find(Self::pending_filter(user, ack_timeout))
-            .sort(doc! {"_id": 1})
-            .batch_size(1000)
-            .await?)
+    pub async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
+        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
+        let find = |filter: Document| {
+            self.messages
+                .find(filter)
+                .sort(doc! {"_id": 1})
+                .hint(mongodb::options::Hint::Name(DRAIN_INDEX.into()))
+                .batch_size(1000)
+        };
+        let (undelivered, overdue) =
+            futures::try_join!(find(undelivered).into_future(), find(overdue).into_future())?;
+        Ok(Pending {
+            cursors: [undelivered, overdue],
+            heads: [None, None],
+            started: false,
+        })
     }
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
@@ -585,6 +601,43 @@ impl BufferedMessage {
     /// Pushed, unacknowledged, and past its ack timeout (`cutoff` from [`overdue_cutoff`]).
     pub fn is_overdue(&self, cutoff: DateTime) -> bool {
         self.delivered && self.acked_at.is_none() && self.pushed_at.is_some_and(|p| p < cutoff)
+    }
+}
+
+/// The index that streams a user's messages by state in `_id` order.
+pub const DRAIN_INDEX: &str = "receiver_1_delivered_1__id_1";
+
+/// A user's pending messages, oldest first: two index-ordered cursors merged by `_id`.
+pub struct Pending {
+    cursors: [mongodb::Cursor<BufferedMessage>; 2],
+    heads: [Option<BufferedMessage>; 2],
+    started: bool,
+}
+
+impl Pending {
+    pub async fn next(&mut self) -> Option<Result<BufferedMessage, StoreError>> {
+        use futures::StreamExt;
+        if !self.started {
+            self.started = true;
+            for i in 0..2 {
+                match self.cursors[i].next().await.transpose() {
+                    Ok(head) => self.heads[i] = head,
+                    Err(e) => return Some(Err(e.into())),
+                }
+            }
+        }
+        let i = match (&self.heads[0], &self.heads[1]) {
+            (None, None) => return None,
+            (Some(_), None) => 0,
+            (None, Some(_)) => 1,
+            (Some(a), Some(b)) => usize::from(b.id < a.id),
+        };
+        let out = self.heads[i].take();
+        match self.cursors[i].next().await.transpose() {
+            Ok(head) => self.heads[i] = head,
+            Err(e) => return Some(Err(e.into())),
+        }
+        out.map(Ok)
     }
 }
 

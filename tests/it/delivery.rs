@@ -410,6 +410,26 @@ async fn the_drain_query_uses_an_index() {
         .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": filter, "sort": {"_id": 1}}, "verbosity": "queryPlanner"})
         .await
         .expect("explain");
+    // The drain itself: both halves stream from the index in _id order, with no sort stage.
+    for half in msgbuf::store::Store::drain_filters("bob", Duration::from_secs(30)) {
+        let explain = rs
+            .client()
+            .await
+            .database(&db)
+            .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": msgbuf::store::DRAIN_INDEX}, "verbosity": "queryPlanner"})
+            .await
+            .expect("explain");
+        let plan = explain
+            .get_document("queryPlanner")
+            .expect("plan")
+            .get_document("winningPlan")
+            .expect("winning")
+            .to_string();
+        assert!(
+            plan.contains("IXSCAN") && !plan.contains("\"SORT\""),
+            "index-ordered drain: {plan}"
+        );
+    }
     let plan = explain
         .get_document("queryPlanner")
         .expect("plan")
