@@ -260,27 +260,15 @@ pub async fn sweep_loop(delivery: Arc<Delivery>, cancel: CancellationToken) {
 
 async fn insert_loop(store: Store, mut rx: mpsc::Receiver<InsertJob>, cancel: CancellationToken) {
     let mut closed = false;
+    let mut jobs = Vec::with_capacity(MAX_INSERT_BATCH);
     let mut docs = Vec::with_capacity(MAX_INSERT_BATCH);
     let mut replies = Vec::with_capacity(MAX_INSERT_BATCH);
-    loop {
-        let job = tokio::select! {
-            biased;
-            _ = cancel.cancelled(), if !closed => {
-                // Finish what was queued; refuse new work.
-                rx.close();
-                closed = true;
-                continue;
-            }
-            job = rx.recv() => job,
-        };
-        let Some(job) = job else { return };
-        let mut next = Some(job);
-        while let Some(InsertJob { msg, reply }) = next.take() {
+    while let Some(job) = next_job(&mut rx, &cancel, &mut closed).await {
+        jobs.push(job);
+        take_queued(&mut rx, &mut jobs, MAX_INSERT_BATCH);
+        for InsertJob { msg, reply } in jobs.drain(..) {
             docs.push(msg);
             replies.push(reply);
-            if docs.len() < MAX_INSERT_BATCH {
-                next = rx.try_recv().ok();
-            }
         }
         let results = store.insert_batch(&docs).await;
         for (reply, result) in replies.drain(..).zip(results) {
@@ -300,17 +288,7 @@ async fn claim_loop(
 ) {
     let mut closed = false;
     let mut batch: Vec<(ObjectId, DeliveryPath)> = Vec::with_capacity(MAX_CLAIM_BATCH);
-    loop {
-        let item = tokio::select! {
-            biased;
-            _ = cancel.cancelled(), if !closed => {
-                rx.close();
-                closed = true;
-                continue;
-            }
-            item = rx.recv() => item,
-        };
-        let Some(item) = item else { return };
+    while let Some(item) = next_job(&mut rx, &cancel, &mut closed).await {
         batch.push(item);
         // A claim is bookkeeping (the push already happened): linger briefly so that one
         // write records many deliveries and MongoDB syncs its journal less often.
@@ -383,26 +361,15 @@ async fn ack_loop(
     cancel: CancellationToken,
 ) {
     let mut closed = false;
+    let mut jobs = Vec::with_capacity(MAX_ACK_BATCH);
     let mut batch: Vec<(String, Vec<ObjectId>)> = Vec::with_capacity(MAX_ACK_BATCH);
     let mut replies = Vec::with_capacity(MAX_ACK_BATCH);
-    loop {
-        let job = tokio::select! {
-            biased;
-            _ = cancel.cancelled(), if !closed => {
-                rx.close();
-                closed = true;
-                continue;
-            }
-            job = rx.recv() => job,
-        };
-        let Some(job) = job else { return };
-        let mut next = Some(job);
-        while let Some(AckJob { user, ids, reply }) = next.take() {
+    while let Some(job) = next_job(&mut rx, &cancel, &mut closed).await {
+        jobs.push(job);
+        take_queued(&mut rx, &mut jobs, MAX_ACK_BATCH);
+        for AckJob { user, ids, reply } in jobs.drain(..) {
             batch.push((user, ids));
             replies.push(reply);
-            if batch.len() < MAX_ACK_BATCH {
-                next = rx.try_recv().ok();
-            }
         }
         let result = store.ack(&batch).await;
         match &result {
@@ -417,5 +384,34 @@ async fn ack_loop(
             });
         }
         batch.clear();
+    }
+}
+
+/// The next job of a batching loop. On shutdown the queue stops taking work but what it
+/// already holds is still returned; `None` once it is closed and empty.
+async fn next_job<T>(
+    rx: &mut mpsc::Receiver<T>,
+    cancel: &CancellationToken,
+    closed: &mut bool,
+) -> Option<T> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if !*closed => {
+                rx.close();
+                *closed = true;
+            }
+            job = rx.recv() => return job,
+        }
+    }
+}
+
+/// Adds jobs that are already queued to `batch`, up to `max` in all (never waits).
+fn take_queued<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
     }
 }
