@@ -409,13 +409,20 @@ impl Store {
         older_than: Duration,
         limit: i64,
     ) -> Result<Vec<BufferedMessage>, StoreError> {
-        let cutoff = DateTime::from_millis(
-            DateTime::now().timestamp_millis() - older_than.as_millis() as i64,
-        );
+        let cutoff = overdue_cutoff(older_than);
         let filter = doc! {"receiver": {"$in": users}, "$or": [
             {"delivered": false, "timestamp": {"$lt": cutoff}},
             {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
         ]};
+        self.oldest_first(filter, limit).await
+    }
+
+    /// Up to `limit` messages matching `filter`, oldest first.
+    async fn oldest_first(
+        &self,
+        filter: Document,
+        limit: i64,
+    ) -> Result<Vec<BufferedMessage>, StoreError> {
         Ok(self
             .messages
             .find(filter)
@@ -475,14 +482,7 @@ impl Store {
         if let Some(after) = after {
             filter.insert("_id", doc! {"$gt": after});
         }
-        Ok(self
-            .messages
-            .find(filter)
-            .sort(doc! {"_id": 1})
-            .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+        self.oldest_first(filter, limit).await
     }
 
     /// Deletes `user`'s undelivered messages.
