@@ -27,6 +27,9 @@ const MAX_INSERT_BATCH: usize = 256;
 const MAX_CLAIM_BATCH: usize = 1000;
 const CLAIM_LINGER: Duration = Duration::from_millis(5);
 const MAX_ACK_BATCH: usize = 256;
+/// Acks only gate the sender's receipt, never a delivery: waiting a little for more of
+/// them turns ~one majority write per message into one per batch.
+const ACK_LINGER: Duration = Duration::from_millis(10);
 const SWEEP_USERS_PER_QUERY: usize = 500;
 const SWEEP_LIMIT: i64 = 1000;
 
@@ -292,21 +295,7 @@ async fn claim_loop(
         batch.push(item);
         // A claim is bookkeeping (the push already happened): linger briefly so that one
         // write records many deliveries and MongoDB syncs its journal less often.
-        let linger = tokio::time::sleep(CLAIM_LINGER);
-        tokio::pin!(linger);
-        while batch.len() < MAX_CLAIM_BATCH {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) if closed => break,
-                Err(_) => tokio::select! {
-                    _ = &mut linger => break,
-                    item = rx.recv() => match item {
-                        Some(item) => batch.push(item),
-                        None => break,
-                    },
-                },
-            }
-        }
+        linger(&mut rx, &mut batch, MAX_CLAIM_BATCH, CLAIM_LINGER, closed).await;
         for path in [
             DeliveryPath::Live,
             DeliveryPath::Drain,
@@ -352,8 +341,7 @@ async fn claim_loop(
 }
 
 /// Groups acks from all sockets into one `updateMany` per batch (one round trip and one
-/// journal sync for many acks). Unlike claims there is no linger: an ack's write is what
-/// releases the sender's receipt, so batches form only from acks that queue up meanwhile.
+/// journal sync for many acks), lingering [`ACK_LINGER`] for more.
 async fn ack_loop(
     store: Store,
     metrics: Arc<Metrics>,
@@ -366,7 +354,7 @@ async fn ack_loop(
     let mut replies = Vec::with_capacity(MAX_ACK_BATCH);
     while let Some(job) = next_job(&mut rx, &cancel, &mut closed).await {
         jobs.push(job);
-        take_queued(&mut rx, &mut jobs, MAX_ACK_BATCH);
+        linger(&mut rx, &mut jobs, MAX_ACK_BATCH, ACK_LINGER, closed).await;
         for AckJob { user, ids, reply } in jobs.drain(..) {
             batch.push((user, ids));
             replies.push(reply);
@@ -402,6 +390,32 @@ async fn next_job<T>(
                 *closed = true;
             }
             job = rx.recv() => return job,
+        }
+    }
+}
+
+/// Adds jobs to `batch`, up to `max` in all, for at most `wait` (not at all once the
+/// queue is closed: shutdown finishes what is queued without delay).
+async fn linger<T>(
+    rx: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    wait: Duration,
+    closed: bool,
+) {
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) if closed => break,
+            Err(_) => tokio::select! {
+                _ = &mut deadline => break,
+                job = rx.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+            },
         }
     }
 }

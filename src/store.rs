@@ -22,6 +22,16 @@ pub const MESSAGES: &str = "buffered_messages";
 pub const CHECKPOINTS: &str = "stream_checkpoints";
 pub const LEASES: &str = "leases";
 pub const TTL_INDEX: &str = "deliveredAt_ttl";
+/// Claimed messages still waiting for their ack, by receiver in `_id` order: a partial
+/// index, so the redelivery sweep, the drain's overdue half and the join's count read
+/// only messages in flight, never a user's whole delivered history.
+pub const UNACKED_INDEX: &str = "receiver_1__id_1_unacked";
+
+/// The predicate of [`UNACKED_INDEX`]. A claim writes `ackedAt: null` explicitly (`$type`
+/// is what a partial index can test; a missing field is not), and an ack replaces it.
+fn unacked_filter() -> Document {
+    doc! {"delivered": true, "ackedAt": {"$type": "null"}}
+}
 
 /// One chat message in the buffer. Field names are the original app's (`chatId`, …).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -221,6 +231,15 @@ impl Store {
             ),
             // Oldest undelivered and the age-based cleanup without a sort stage.
             idx(doc! {"delivered": 1, "_id": 1}, "delivered_1__id_1"),
+            IndexModel::builder()
+                .keys(doc! {"receiver": 1, "_id": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name(UNACKED_INDEX.to_owned())
+                        .partial_filter_expression(unacked_filter())
+                        .build(),
+                )
+                .build(),
             // Idempotent sends: one document per (sender, clientMsgId).
             IndexModel::builder()
                 .keys(doc! {"sender": 1, "clientMsgId": 1})
@@ -301,9 +320,14 @@ impl Store {
 
     /// Claims a batch for this instance: flips `delivered` false -> true on those not yet
     /// claimed. A single id uses `findOneAndUpdate`. Returns how many this call flipped.
+    /// `ackedAt` becomes an explicit null unless an ack got there first (`$max`: a date
+    /// sorts after null), which puts the message into [`UNACKED_INDEX`] until its ack.
     pub async fn claim(&self, ids: &[ObjectId], instance: &str) -> Result<u64, StoreError> {
         let now = DateTime::now();
-        let set = doc! {"$set": {"delivered": true, "deliveredAt": now, "deliveredBy": instance, "pushedAt": now, "updatedAt": now}};
+        let set = doc! {
+            "$set": {"delivered": true, "deliveredAt": now, "deliveredBy": instance, "pushedAt": now, "updatedAt": now},
+            "$max": {"ackedAt": null},
+        };
         if let [id] = ids {
             let won = self
                 .raw
@@ -353,11 +377,8 @@ impl Store {
     /// The drain filter: undelivered messages, and pushed-but-unacknowledged ones past the
     /// ack timeout.
     pub fn pending_filter(user: &str, ack_timeout: Duration) -> Document {
-        let cutoff = overdue_cutoff(ack_timeout);
-        doc! {"receiver": user, "$or": [
-            {"delivered": false},
-            {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
-        ]}
+        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
+        doc! {"$or": [undelivered, overdue]}
     }
 
     pub async fn count_pending(
@@ -371,29 +392,34 @@ impl Store {
             .await?)
     }
 
-    /// The two halves of [`Store::pending_filter`], each answered in `_id` order straight
-    /// from the `{receiver, delivered, _id}` index (no in-memory sort of a large backlog):
-    /// undelivered, and delivered-but-overdue.
+    /// The two halves of [`Store::pending_filter`] and the index that answers each in `_id`
+    /// order (no in-memory sort of a large backlog): undelivered from [`DRAIN_INDEX`], and
+    /// delivered-but-overdue from [`UNACKED_INDEX`].
     pub fn drain_filters(user: &str, ack_timeout: Duration) -> [Document; 2] {
-        let cutoff = overdue_cutoff(ack_timeout);
         [
             doc! {"receiver": user, "delivered": false},
-            doc! {"receiver": user, "delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
+            overdue_of(user.into(), ack_timeout),
         ]
     }
+
+    /// The index each of [`Store::drain_filters`] is read from.
+    pub const DRAIN_HINTS: [&'static str; 2] = [DRAIN_INDEX, UNACKED_INDEX];
 
     /// Every pending message of `user`, oldest first, streamed in batches.
     pub async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
         let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
-        let find = |filter: Document| {
+        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
+        let find = |filter: Document, index: &str| {
             self.messages
                 .find(filter)
                 .sort(doc! {"_id": 1})
-                .hint(mongodb::options::Hint::Name(DRAIN_INDEX.into()))
+                .hint(mongodb::options::Hint::Name(index.into()))
                 .batch_size(1000)
         };
-        let (undelivered, overdue) =
-            futures::try_join!(find(undelivered).into_future(), find(overdue).into_future())?;
+        let (undelivered, overdue) = futures::try_join!(
+            find(undelivered, undelivered_index).into_future(),
+            find(overdue, overdue_index).into_future()
+        )?;
         Ok(Pending {
             cursors: [undelivered, overdue],
             heads: [None, None],
@@ -410,9 +436,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<BufferedMessage>, StoreError> {
         let cutoff = overdue_cutoff(older_than);
-        let filter = doc! {"receiver": {"$in": users}, "$or": [
-            {"delivered": false, "timestamp": {"$lt": cutoff}},
-            {"delivered": true, "ackedAt": null, "pushedAt": {"$lt": cutoff}},
+        let filter = doc! {"$or": [
+            {"receiver": {"$in": users}, "delivered": false, "timestamp": {"$lt": cutoff}},
+            overdue_of(doc! {"$in": users}.into(), older_than),
         ]};
         self.oldest_first(filter, limit).await
     }
@@ -506,7 +532,8 @@ impl Store {
             .hint(mongodb::options::Hint::Name("delivered_1".into()));
         let unacked = self
             .raw
-            .count_documents(doc! {"delivered": true, "ackedAt": null});
+            .count_documents(unacked_filter())
+            .hint(mongodb::options::Hint::Name(UNACKED_INDEX.into()));
         let users = async {
             let mut cursor = self
                 .raw
@@ -595,6 +622,15 @@ impl Store {
 /// Pushes before this instant without an ack are overdue for a re-send.
 pub fn overdue_cutoff(ack_timeout: Duration) -> DateTime {
     DateTime::from_millis(DateTime::now().timestamp_millis() - ack_timeout.as_millis() as i64)
+}
+
+/// Claimed, unacknowledged and pushed longer than `ack_timeout` ago, for `receiver` (a
+/// name or an `$in`): a predicate that [`UNACKED_INDEX`] answers.
+fn overdue_of(receiver: mongodb::bson::Bson, ack_timeout: Duration) -> Document {
+    let mut filter = doc! {"receiver": receiver};
+    filter.extend(unacked_filter());
+    filter.insert("pushedAt", doc! {"$lt": overdue_cutoff(ack_timeout)});
+    filter
 }
 
 impl BufferedMessage {

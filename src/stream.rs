@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongodb::bson::{doc, DateTime, Document};
+use mongodb::bson::{doc, DateTime, Document, RawDocumentBuf};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 
 use crate::delivery::Delivery;
@@ -39,11 +39,14 @@ pub fn is_history_lost(e: &mongodb::error::Error) -> bool {
     }
 }
 
-/// The fixed pipeline of the stream.
+/// The fixed pipeline of the stream. MongoDB rewrites this `$match` into a filter on the
+/// oplog itself, so the entries it drops (claims, re-sends, checkpoints) are never turned
+/// into events. An ack is recognised by `receiptFor`, which only an ack writes (a claim
+/// writes `ackedAt` too: an explicit null).
 pub fn pipeline() -> Vec<Document> {
     vec![doc! {"$match": {"$or": [
         {"operationType": "insert"},
-        {"operationType": "update", "updateDescription.updatedFields.ackedAt": {"$exists": true}},
+        {"operationType": "update", "updateDescription.updatedFields.receiptFor": {"$exists": true}},
     ]}}]
 }
 
@@ -81,7 +84,10 @@ impl Tailer {
                 r = watch => r,
             };
             let mut stream = match opened {
-                Ok(s) => s,
+                // Inserts are decoded once, from the raw bytes, straight into a
+                // `BufferedMessage` (a foreign document is skipped there, never stalls the
+                // stream the way a failing typed decode of the whole event would).
+                Ok(s) => s.with_type::<ChangeStreamEvent<RawDocumentBuf>>(),
                 Err(e) if is_history_lost(&e) => {
                     self.history_lost(&e).await;
                     token = None;
@@ -174,7 +180,7 @@ impl Tailer {
         }
     }
 
-    async fn handle(&self, event: ChangeStreamEvent<Document>) {
+    async fn handle(&self, event: ChangeStreamEvent<RawDocumentBuf>) {
         self.metrics.stream_events.increment(1);
         if let Some(wall) = event.wall_time {
             let lag_ms = DateTime::now().timestamp_millis() - wall.timestamp_millis();
@@ -187,7 +193,7 @@ impl Tailer {
                 let Some(doc) = event.full_document else {
                     return;
                 };
-                match mongodb::bson::from_document::<BufferedMessage>(doc) {
+                match mongodb::bson::from_slice::<BufferedMessage>(doc.as_bytes()) {
                     Ok(msg) => self.delivery.on_insert(&msg).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "skipping a document that is not a BufferedMessage")

@@ -2055,12 +2055,13 @@ fn f(v: &Value, path: &[&str]) -> Option<f64> {
     cur.as_f64()
 }
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "floor",
     "latency",
     "throughput",
     "drain",
     "idle",
+    "latency-profile",
     "throughput-profile",
 ];
 

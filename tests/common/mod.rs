@@ -42,6 +42,11 @@ pub fn db_name(test: &str) -> String {
     format!("t_{n}_{}", std::process::id())
 }
 
+/// The message id in an event's data (`message_accepted`, `chat_message`, REST bodies).
+pub fn id_of(data: &serde_json::Value) -> String {
+    data["id"].as_str().expect("an id").to_owned()
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

@@ -42,7 +42,7 @@ async fn live_delivery_across_instances_is_claimed_once_and_acked_with_a_receipt
     let (mut alice, _) = a.join("alice").await;
 
     let accepted = send(&mut alice, "bob", "hello bob", Some("m1")).await;
-    let id = accepted["id"].as_str().expect("id").to_owned();
+    let id = id_of(&accepted);
     assert_eq!(accepted["clientMsgId"], "m1");
     let got = bob
         .expect("chat_message", T)
@@ -282,7 +282,7 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
     let code = loop {
         match bob.next_event(T).await {
             Ok(ev) if ev.event == "chat_message" => {
-                read.insert(ev.data["id"].as_str().expect("id").to_owned());
+                read.insert(id_of(&ev.data));
             }
             Ok(_) => {}
             Err(ClientError::Closed(code)) => break code,
@@ -309,7 +309,7 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
             let Ok(ev) = bob.expect("chat_message", T).await else {
                 break;
             };
-            let id = ev.data["id"].as_str().expect("id").to_owned();
+            let id = id_of(&ev.data);
             got.insert(id.clone());
             if bob.ack(&[id]).await.is_err() {
                 break;
@@ -365,10 +365,7 @@ async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_i
                     .expect("chat_message", Duration::from_secs(60))
                     .await
                     .unwrap_or_else(|e| panic!("r{r}: {e}"));
-                assert!(
-                    ids.insert(ev.data["id"].as_str().expect("id").to_owned()),
-                    "duplicate on r{r}"
-                );
+                assert!(ids.insert(id_of(&ev.data)), "duplicate on r{r}");
                 let (s, i) = ev.data["message"]
                     .as_str()
                     .expect("text")
@@ -398,46 +395,89 @@ async fn a_thousand_messages_ten_senders_ten_receivers_two_instances_once_each_i
 }
 
 #[tokio::test]
-async fn the_drain_query_uses_an_index() {
+async fn the_drain_query_uses_an_index_and_skips_acknowledged_history() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("explain");
     let a = Instance::start(test_config(&rs, &db, "A")).await;
-    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
-    let explain = rs
-        .client()
-        .await
-        .database(&db)
-        .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": filter, "sort": {"_id": 1}}, "verbosity": "queryPlanner"})
-        .await
-        .expect("explain");
-    // The drain itself: both halves stream from the index in _id order, with no sort stage.
-    for half in msgbuf::store::Store::drain_filters("bob", Duration::from_secs(30)) {
-        let explain = rs
-            .client()
+    // Bob's history: 30 messages delivered and acknowledged, and 5 still undelivered.
+    let (mut alice, _) = a.join("alice").await;
+    let (mut bob, _) = a.join("bob").await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        send(&mut alice, "bob", &format!("old {i}"), None).await;
+        ids.push(id_of(
+            &bob.expect("chat_message", T).await.expect("live").data,
+        ));
+    }
+    bob.ack(&ids).await.expect("ack");
+    wait_for("the acks", T, || async {
+        let acked = messages(&rs, &db)
             .await
-            .database(&db)
-            .run_command(doc! {"explain": {"find": msgbuf::store::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": msgbuf::store::DRAIN_INDEX}, "verbosity": "queryPlanner"})
+            .count_documents(doc! {"ackedAt": {"$type": "date"}})
             .await
-            .expect("explain");
-        let plan = explain
+            .expect("count");
+        (acked == 30).then_some(())
+    })
+    .await;
+    bob.close().await;
+    for i in 0..5 {
+        send(&mut alice, "bob", &format!("new {i}"), None).await;
+    }
+
+    let explain = |command: Document| {
+        let rs = &rs;
+        let db = &db;
+        async move {
+            rs.client()
+                .await
+                .database(db)
+                .run_command(doc! {"explain": command, "verbosity": "executionStats"})
+                .await
+                .expect("explain")
+        }
+    };
+    // The drain itself: each half streams from its index in _id order, with no sort stage,
+    // and reads only what it returns: the acknowledged history is never examined.
+    let halves = msgbuf::store::Store::drain_filters("bob", Duration::from_secs(30));
+    for ((half, hint), returned) in halves
+        .into_iter()
+        .zip(msgbuf::store::Store::DRAIN_HINTS)
+        .zip([5, 0])
+    {
+        let e = explain(doc! {"find": msgbuf::store::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": hint}).await;
+        let plan = e
             .get_document("queryPlanner")
-            .expect("plan")
-            .get_document("winningPlan")
-            .expect("winning")
+            .and_then(|p| p.get_document("winningPlan"))
+            .expect("winning plan")
             .to_string();
         assert!(
             plan.contains("IXSCAN") && !plan.contains("\"SORT\""),
             "index-ordered drain: {plan}"
         );
+        let stats = e.get_document("executionStats").expect("stats");
+        assert_eq!(
+            (
+                stats.get_i32("nReturned").ok(),
+                stats.get_i32("totalDocsExamined").ok()
+            ),
+            (Some(returned), Some(returned)),
+            "{hint}: {stats}"
+        );
     }
-    let plan = explain
-        .get_document("queryPlanner")
-        .expect("plan")
-        .get_document("winningPlan")
-        .expect("winning")
-        .to_string();
-    assert!(plan.contains("IXSCAN"), "drain uses an index scan: {plan}");
-    assert!(!plan.contains("COLLSCAN"), "no collection scan: {plan}");
+    // The count on join answers the same filter without a collection scan.
+    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
+    let e = explain(doc! {"count": msgbuf::store::MESSAGES, "query": filter}).await;
+    let plan = e.get_document("queryPlanner").expect("plan").to_string();
+    assert!(
+        plan.contains("IXSCAN") && !plan.contains("COLLSCAN"),
+        "count uses indexes: {plan}"
+    );
+    let examined = e
+        .get_document("executionStats")
+        .and_then(|s| s.get_i32("totalDocsExamined"))
+        .expect("docs examined");
+    assert!(examined <= 5, "count read the history: {examined}");
+
     let indexes: Vec<String> = messages(&rs, &db)
         .await
         .list_index_names()
@@ -448,12 +488,50 @@ async fn the_drain_query_uses_an_index() {
         "delivered_1",
         "receiver_1_delivered_1",
         "receiver_1_delivered_1__id_1",
+        "receiver_1__id_1_unacked",
         "sender_1_clientMsgId_1",
         "deliveredAt_ttl",
     ] {
         assert!(indexes.contains(&name.to_owned()), "{name} in {indexes:?}");
     }
     drop(a);
+}
+
+#[tokio::test]
+async fn an_ack_that_lands_before_the_claim_stays_recorded() {
+    // The claim is written after the push (batched), so a fast client's ack can reach
+    // MongoDB first; the claim must not turn the message back into "awaiting its ack".
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("ack_first");
+    let store = msgbuf::store::Store::new(rs.client().await.database(&db));
+    store.ensure_indexes().await.expect("indexes");
+    let early = msgbuf::store::BufferedMessage::new("alice", "bob", "c", "acked early", None);
+    let normal = msgbuf::store::BufferedMessage::new("alice", "bob", "c", "acked later", None);
+    for r in store.insert_batch(&[early.clone(), normal.clone()]).await {
+        r.expect("insert");
+    }
+    store
+        .ack(&[("bob".to_owned(), vec![early.id])])
+        .await
+        .expect("ack");
+    assert_eq!(
+        store
+            .claim(&[early.id, normal.id], "A")
+            .await
+            .expect("claim"),
+        2
+    );
+    let early_doc = doc_of(&rs, &db, &early.id.to_hex()).await;
+    assert!(early_doc.get_datetime("ackedAt").is_ok(), "{early_doc}");
+    assert_eq!(early_doc.get_bool("delivered").ok(), Some(true));
+    let normal_doc = doc_of(&rs, &db, &normal.id.to_hex()).await;
+    assert_eq!(
+        normal_doc.get("ackedAt"),
+        Some(&mongodb::bson::Bson::Null),
+        "{normal_doc}"
+    );
+    let counts = store.counts().await.expect("counts");
+    assert_eq!((counts.delivered, counts.unacked), (2, 1));
 }
 
 #[tokio::test]

@@ -540,7 +540,7 @@ async fn a_frozen_instance_is_covered_by_redelivery_and_its_late_claims_change_n
     let mut fresh = Vec::new();
     for _ in 0..10 {
         let ev = bob_b.expect("chat_message", T).await.expect("drained").data;
-        let id = ev["id"].as_str().expect("id").to_owned();
+        let id = id_of(&ev);
         if ev["redelivery"] == true {
             redelivered.push(id.clone())
         } else {
@@ -609,10 +609,7 @@ async fn a_receiver_joining_while_hundreds_arrive_gets_each_once_in_order() {
     let mut last = [-1i64; 3];
     while seen.len() < 600 {
         let ev = bob.expect("chat_message", T).await.expect("message").data;
-        assert!(
-            seen.insert(ev["id"].as_str().expect("id").to_owned()),
-            "each message once on the socket"
-        );
+        assert!(seen.insert(id_of(&ev)), "each message once on the socket");
         let (s, i) = ev["message"]
             .as_str()
             .expect("text")
