@@ -381,15 +381,27 @@ impl Store {
         doc! {"$or": [undelivered, overdue]}
     }
 
+    /// How many messages a join will drain: the two halves counted apart, each from its
+    /// own index (an `$or` count is planned per call and may pick a plan that reads the
+    /// user's whole history).
     pub async fn count_pending(
         &self,
         user: &str,
         ack_timeout: Duration,
     ) -> Result<u64, StoreError> {
-        Ok(self
-            .raw
-            .count_documents(Self::pending_filter(user, ack_timeout))
-            .await?)
+        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
+        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
+        let count = |filter: Document, index: &str| {
+            self.raw
+                .count_documents(filter)
+                .hint(mongodb::options::Hint::Name(index.into()))
+                .into_future()
+        };
+        let (a, b) = futures::try_join!(
+            count(undelivered, undelivered_index),
+            count(overdue, overdue_index)
+        )?;
+        Ok(a + b)
     }
 
     /// The two halves of [`Store::pending_filter`] and the index that answers each in `_id`
