@@ -512,6 +512,9 @@ struct ReceiverOut {
     foreign: u64,
     /// Unique messages received per second since `t0` (index = second).
     per_second: Vec<u64>,
+    /// The worst send → receive latency (µs) of the messages received in each second: shows
+    /// whether a tail is spread out or a few stalls.
+    max_per_second: Vec<u64>,
     acked: u64,
     closed: Option<String>,
 }
@@ -683,6 +686,7 @@ async fn receiver_task(
         order_violations: 0,
         foreign: 0,
         per_second: Vec::new(),
+        max_per_second: Vec::new(),
         acked: 0,
         closed: None,
     };
@@ -715,7 +719,12 @@ async fn receiver_task(
                             out.per_second[sec] += 1;
                             match f.data.message.as_deref().and_then(parse_body) {
                                 Some((t, p, n)) if p == pair => {
-                                    out.hist.saturating_record(now.saturating_sub(t).max(1));
+                                    let us = now.saturating_sub(t).max(1);
+                                    out.hist.saturating_record(us);
+                                    if out.max_per_second.len() <= sec {
+                                        out.max_per_second.resize(sec + 1, 0);
+                                    }
+                                    out.max_per_second[sec] = out.max_per_second[sec].max(us);
                                     if last_seq.is_some_and(|l| n <= l) {
                                         out.order_violations += 1;
                                     }
@@ -1067,6 +1076,7 @@ async fn finish_pairs(
     let mut accept_hist = new_hist();
     let mut receipt_hist = new_hist();
     let mut per_second: Vec<u64> = Vec::new();
+    let mut max_per_second: Vec<u64> = Vec::new();
     let mut closed = Vec::new();
     let mut receipts = 0;
     let mut acked = 0;
@@ -1095,6 +1105,12 @@ async fn finish_pairs(
         }
         for (k, n) in r.per_second.iter().enumerate() {
             per_second[k] += n;
+        }
+        if max_per_second.len() < r.max_per_second.len() {
+            max_per_second.resize(r.max_per_second.len(), 0);
+        }
+        for (k, us) in r.max_per_second.iter().enumerate() {
+            max_per_second[k] = max_per_second[k].max(*us);
         }
         if let Some(why) = &s.closed {
             closed.push(format!("sender {i}: {why}"));
@@ -1132,6 +1148,13 @@ async fn finish_pairs(
     report
         .extra
         .insert("received_per_second".into(), json!(per_second));
+    let max_ms: Vec<f64> = max_per_second
+        .iter()
+        .map(|us| (*us as f64 / 10.0).round() / 100.0)
+        .collect();
+    report
+        .extra
+        .insert("max_latency_ms_per_second".into(), json!(max_ms));
     let _ = t0_us;
     Ok(())
 }
