@@ -715,15 +715,13 @@ async fn receiver_task(
                             let sec = (now.saturating_sub(t0_us) / 1_000_000) as usize;
                             if out.per_second.len() <= sec {
                                 out.per_second.resize(sec + 1, 0);
+                                out.max_per_second.resize(sec + 1, 0);
                             }
                             out.per_second[sec] += 1;
                             match f.data.message.as_deref().and_then(parse_body) {
                                 Some((t, p, n)) if p == pair => {
                                     let us = now.saturating_sub(t).max(1);
                                     out.hist.saturating_record(us);
-                                    if out.max_per_second.len() <= sec {
-                                        out.max_per_second.resize(sec + 1, 0);
-                                    }
                                     out.max_per_second[sec] = out.max_per_second[sec].max(us);
                                     if last_seq.is_some_and(|l| n <= l) {
                                         out.order_violations += 1;
