@@ -6,8 +6,10 @@
 //! a time, so one sender's messages are stored — and streamed — in acceptance order):
 //! sends that arrive while a shard's batch is in flight go out together in its next one.
 //! Claims are grouped into one conditional `updateMany` (`delivered: false` in the filter,
-//! so each document still flips exactly once), and so are acks.
+//! so each document still flips exactly once), and so are acks; a claim whose ack arrives
+//! while it waits is written together with it (one rewrite of the document, not two).
 
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +29,13 @@ use crate::store::{Accepted, BufferedMessage, Store, StoreError};
 /// throughput scenario's rate in BENCHMARKS.md); each sender stays on one shard.
 const INSERT_SHARDS: usize = 4;
 const MAX_INSERT_BATCH: usize = 256;
-const MAX_CLAIM_BATCH: usize = 1000;
-const CLAIM_LINGER: Duration = Duration::from_millis(10);
-const MAX_ACK_BATCH: usize = 256;
-/// Acks only gate the sender's receipt, never a delivery: waiting a little for more of
-/// them turns ~one majority write per message into one per batch.
-const ACK_LINGER: Duration = Duration::from_millis(20);
+/// Claims and acks recorded by one round of writes, at most.
+const MAX_RECORD_BATCH: usize = 1000;
+/// Claims and acks are bookkeeping (the push already happened, an ack only gates the
+/// sender's receipt): waiting a little turns ~one majority write per message into one per
+/// batch, and gives a client that acks at once the time to get its ack in before the claim
+/// is written, so that both go in one write.
+const RECORD_LINGER: Duration = Duration::from_millis(15);
 const SWEEP_USERS_PER_QUERY: usize = 500;
 const SWEEP_LIMIT: i64 = 1000;
 
@@ -40,6 +43,12 @@ struct AckJob {
     user: String,
     ids: Vec<ObjectId>,
     reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What the record loop writes: a delivery to claim, or a socket's acks.
+enum Record {
+    Claim(ObjectId, DeliveryPath),
+    Ack(AckJob),
 }
 
 struct InsertJob {
@@ -54,13 +63,12 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     ack_timeout: Duration,
     inserts: Vec<mpsc::Sender<InsertJob>>,
-    claims: mpsc::Sender<(ObjectId, DeliveryPath)>,
-    acks: mpsc::Sender<AckJob>,
+    records: mpsc::Sender<Record>,
 }
 
 impl Delivery {
-    /// Starts the insert shards and the claim batcher on `tracker`; they finish the work
-    /// queued before `cancel` and then stop.
+    /// Starts the insert shards and the claim and ack batcher on `tracker`; they finish
+    /// the work queued before `cancel` and then stop.
     pub fn start(
         store: Store,
         instance: Arc<str>,
@@ -77,19 +85,12 @@ impl Delivery {
                 tx
             })
             .collect();
-        let (claims, claim_rx) = mpsc::channel(16 * MAX_CLAIM_BATCH);
-        tracker.spawn(claim_loop(
+        let (records, record_rx) = mpsc::channel(16 * MAX_RECORD_BATCH);
+        tracker.spawn(record_loop(
             store.clone(),
             instance.clone(),
             metrics.clone(),
-            claim_rx,
-            cancel.clone(),
-        ));
-        let (acks, ack_rx) = mpsc::channel(4 * MAX_ACK_BATCH);
-        tracker.spawn(ack_loop(
-            store.clone(),
-            metrics.clone(),
-            ack_rx,
+            record_rx,
             cancel.clone(),
         ));
         Arc::new(Delivery {
@@ -99,8 +100,7 @@ impl Delivery {
             metrics,
             ack_timeout,
             inserts,
-            claims,
-            acks,
+            records,
         })
     }
 
@@ -129,11 +129,11 @@ impl Delivery {
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    /// Records `user`'s acks (batched with other sockets' acks into one write).
+    /// Records `user`'s acks (batched with other sockets' acks and with claims).
     pub async fn ack(&self, user: String, ids: Vec<ObjectId>) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.acks
-            .send(AckJob { user, ids, reply })
+        self.records
+            .send(Record::Ack(AckJob { user, ids, reply }))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
@@ -176,7 +176,7 @@ impl Delivery {
     /// Queues claims for the batcher (waits when it is behind: backpressure on the stream).
     pub async fn claim_later(&self, ids: &[ObjectId], path: DeliveryPath) {
         for id in ids {
-            if self.claims.send((*id, path)).await.is_err() {
+            if self.records.send(Record::Claim(*id, path)).await.is_err() {
                 return;
             }
         }
@@ -285,96 +285,143 @@ async fn insert_loop(store: Store, mut rx: mpsc::Receiver<InsertJob>, cancel: Ca
     }
 }
 
-async fn claim_loop(
+/// Writes claims and acks in batches: per delivery path, the claims whose ack is in the
+/// same batch go in one write with it ([`Store::claim_acked`]), the others in one claim
+/// write; the remaining acks in one ack write. Replies to the ack jobs once all is written.
+async fn record_loop(
     store: Store,
     instance: Arc<str>,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<(ObjectId, DeliveryPath)>,
+    mut rx: mpsc::Receiver<Record>,
     cancel: CancellationToken,
 ) {
     let mut closed = false;
-    let mut batch: Vec<(ObjectId, DeliveryPath)> = Vec::with_capacity(MAX_CLAIM_BATCH);
-    while let Some(item) = next_job(&mut rx, &cancel, &mut closed).await {
-        batch.push(item);
-        // A claim is bookkeeping (the push already happened): linger briefly so that one
-        // write records many deliveries and MongoDB syncs its journal less often.
-        linger(&mut rx, &mut batch, MAX_CLAIM_BATCH, CLAIM_LINGER, closed).await;
+    let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+    while let Some(first) = next_job(&mut rx, &cancel, &mut closed).await {
+        batch.push(first);
+        linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
+        let mut claims = Vec::new();
+        let mut acks = Vec::new();
+        for record in batch.drain(..) {
+            match record {
+                Record::Claim(id, path) => claims.push((id, path)),
+                Record::Ack(job) => acks.push(job),
+            }
+        }
+        let acked_by: HashMap<ObjectId, &str> = acks
+            .iter()
+            .flat_map(|job| job.ids.iter().map(|id| (*id, job.user.as_str())))
+            .collect();
+        // Ids whose ack went in with their claim: the ack write skips them.
+        let mut done = HashSet::new();
         for path in [
             DeliveryPath::Live,
             DeliveryPath::Drain,
             DeliveryPath::Redelivery,
         ] {
-            let ids: Vec<ObjectId> = batch
+            let (with_ack, mut alone): (Vec<ObjectId>, Vec<ObjectId>) = claims
                 .iter()
                 .filter(|(_, p)| *p == path)
                 .map(|(id, _)| *id)
-                .collect();
-            if ids.is_empty() {
+                .partition(|id| acked_by.contains_key(id));
+            let n = with_ack.len() + alone.len();
+            if n == 0 {
                 continue;
             }
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match store.claim(&ids, &instance).await {
-                    Ok(won) => {
-                        metrics.delivered(path, won);
-                        metrics
-                            .claims_lost
-                            .increment(ids.len() as u64 - won.min(ids.len() as u64));
-                        break;
+            let mut won = 0;
+            if !with_ack.is_empty() {
+                let mut by_user: HashMap<&str, Vec<ObjectId>> = HashMap::new();
+                for id in &with_ack {
+                    by_user.entry(acked_by[id]).or_default().push(*id);
+                }
+                let by_user: Vec<(String, Vec<ObjectId>)> = by_user
+                    .into_iter()
+                    .map(|(user, ids)| (user.to_owned(), ids))
+                    .collect();
+                match store.claim_acked(&by_user, &instance).await {
+                    Ok(flipped) if flipped == with_ack.len() as u64 => {
+                        won += flipped;
+                        metrics.acks.increment(flipped);
+                        metrics.claims_with_ack.increment(flipped);
+                        done.extend(with_ack);
                     }
-                    // Unclaimed messages stay `delivered: false` and are drained again on the
-                    // next join, so giving up at shutdown loses nothing.
-                    Err(e) if cancel.is_cancelled() => {
-                        tracing::warn!(error = %e, n = ids.len(), "claims not recorded at shutdown");
-                        break;
+                    // Some were claimed elsewhere first (or acked by another user): the
+                    // plain writes below are conditional, so each still flips at most once.
+                    Ok(flipped) => {
+                        won += flipped;
+                        metrics.acks.increment(flipped);
+                        metrics.claims_with_ack.increment(flipped);
+                        alone.extend(with_ack);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, n = ids.len(), "claim failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = cancel.cancelled() => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        tracing::warn!(error = %e, n = with_ack.len(), "claim with ack failed; writing them apart");
+                        alone.extend(with_ack);
                     }
                 }
             }
+            if !alone.is_empty() {
+                won += claim_until_written(&store, &instance, &alone, &cancel).await;
+            }
+            metrics.delivered(path, won);
+            metrics.claims_lost.increment(n as u64 - won.min(n as u64));
         }
-        batch.clear();
-    }
-}
-
-/// Groups acks from all sockets into one `updateMany` per batch (one round trip and one
-/// journal sync for many acks), lingering [`ACK_LINGER`] for more.
-async fn ack_loop(
-    store: Store,
-    metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<AckJob>,
-    cancel: CancellationToken,
-) {
-    let mut closed = false;
-    let mut jobs = Vec::with_capacity(MAX_ACK_BATCH);
-    let mut batch: Vec<(String, Vec<ObjectId>)> = Vec::with_capacity(MAX_ACK_BATCH);
-    let mut replies = Vec::with_capacity(MAX_ACK_BATCH);
-    while let Some(job) = next_job(&mut rx, &cancel, &mut closed).await {
-        jobs.push(job);
-        linger(&mut rx, &mut jobs, MAX_ACK_BATCH, ACK_LINGER, closed).await;
-        for AckJob { user, ids, reply } in jobs.drain(..) {
-            batch.push((user, ids));
-            replies.push(reply);
+        if acks.is_empty() {
+            continue;
         }
-        let result = store.ack(&batch).await;
+        let rest: Vec<(String, Vec<ObjectId>)> = acks
+            .iter()
+            .map(|job| {
+                let ids = job.ids.iter().filter(|id| !done.contains(*id));
+                (job.user.clone(), ids.copied().collect::<Vec<_>>())
+            })
+            .filter(|(_, ids)| !ids.is_empty())
+            .collect();
+        let result = if rest.is_empty() {
+            Ok(0)
+        } else {
+            store.ack(&rest).await
+        };
         match &result {
             Ok(n) => metrics.acks.increment(*n),
-            Err(e) => tracing::warn!(error = %e, n = batch.len(), "acks not recorded"),
+            Err(e) => tracing::warn!(error = %e, n = rest.len(), "acks not recorded"),
         }
-        for reply in replies.drain(..) {
-            let _ = reply.send(match &result {
+        for job in acks {
+            let _ = job.reply.send(match &result {
                 Ok(_) => Ok(()),
                 Err(StoreError::Mongo(e)) => Err(StoreError::Mongo(e.clone())),
                 Err(_) => Err(StoreError::ShuttingDown),
             });
         }
-        batch.clear();
+    }
+}
+
+/// Claims `ids`, retrying with backoff until the write goes through or shutdown;
+/// returns how many this instance flipped.
+async fn claim_until_written(
+    store: &Store,
+    instance: &str,
+    ids: &[ObjectId],
+    cancel: &CancellationToken,
+) -> u64 {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match store.claim(ids, instance).await {
+            Ok(won) => return won,
+            // Unclaimed messages stay `delivered: false` and are drained again on the
+            // next join, so giving up at shutdown loses nothing.
+            Err(e) if cancel.is_cancelled() => {
+                tracing::warn!(error = %e, n = ids.len(), "claims not recorded at shutdown");
+                return 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, n = ids.len(), "claim failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub struct Metrics {
     delivered_redelivery: Counter,
     pub claims_lost: Counter,
     pub acks: Counter,
+    pub claims_with_ack: Counter,
     pub receipts: Counter,
     pub delivery_latency: Histogram,
     pub stream_lag: Histogram,
@@ -94,6 +95,11 @@ impl Metrics {
             acks: counter(
                 "msgbuf_acks_total",
                 "Messages acknowledged by receivers",
+                &[],
+            ),
+            claims_with_ack: counter(
+                "msgbuf_claims_with_ack_total",
+                "Deliveries whose claim and ack went in one write (the ack arrived first)",
                 &[],
             ),
             receipts: counter(

@@ -486,15 +486,40 @@ impl Store {
     /// The pipeline copies the sender into `receiptFor`, so the change event carries who gets
     /// the receipt.
     pub async fn ack(&self, acks: &[(String, Vec<ObjectId>)]) -> Result<u64, StoreError> {
-        let by_user: Vec<Document> = acks
-            .iter()
-            .map(|(user, ids)| doc! {"_id": {"$in": ids}, "receiver": user})
-            .collect();
         let r = self
             .raw
             .update_many(
-                doc! {"$or": by_user, "ackedAt": null},
+                doc! {"$or": acked_by(acks), "ackedAt": null},
                 vec![doc! {"$set": {"ackedAt": "$$NOW", "updatedAt": "$$NOW", "receiptFor": "$sender"}}],
+            )
+            .await?;
+        Ok(r.modified_count)
+    }
+
+    /// A claim and its ack in one write, for messages whose ack reached this instance
+    /// before their claim was written: one document rewrite and one oplog entry instead of
+    /// two. Flips only unclaimed messages addressed to the acking user, as [`Store::claim`]
+    /// and [`Store::ack`] together would; returns how many it flipped. An earlier ack's date
+    /// is kept, and `receiptFor` then rewrites the same value, which is no change, so the
+    /// stream sends no second receipt.
+    pub async fn claim_acked(
+        &self,
+        acks: &[(String, Vec<ObjectId>)],
+        instance: &str,
+    ) -> Result<u64, StoreError> {
+        let r = self
+            .raw
+            .update_many(
+                doc! {"$or": acked_by(acks), "delivered": false},
+                vec![doc! {"$set": {
+                    "delivered": true,
+                    "deliveredAt": "$$NOW",
+                    "deliveredBy": instance,
+                    "pushedAt": "$$NOW",
+                    "updatedAt": "$$NOW",
+                    "ackedAt": {"$ifNull": ["$ackedAt", "$$NOW"]},
+                    "receiptFor": "$sender",
+                }}],
             )
             .await?;
         Ok(r.modified_count)
@@ -629,6 +654,14 @@ impl Store {
             .await?;
         Ok(())
     }
+}
+
+/// `$or` branches matching each user's acked ids among the messages addressed to them: a
+/// socket can only acknowledge its own user's messages.
+fn acked_by(acks: &[(String, Vec<ObjectId>)]) -> Vec<Document> {
+    acks.iter()
+        .map(|(user, ids)| doc! {"_id": {"$in": ids}, "receiver": user})
+        .collect()
 }
 
 /// Pushes before this instant without an ack are overdue for a re-send.

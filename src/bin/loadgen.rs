@@ -91,8 +91,9 @@ struct Common {
     /// Bytes of each message text (the timestamp header is padded up to this).
     #[arg(long, default_value_t = 100)]
     size: usize,
-    /// Receivers send an `ack` at least this often (batched ids).
-    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    /// Receivers send an `ack` at least this often (batched ids); 0 (the default) acks each
+    /// message as soon as it is read, as an interactive client would (the server batches).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     ack_interval: Duration,
     /// Diagnostics only: receivers never ack (no ack writes, no receipts; messages are
     /// re-sent after the server's ack timeout).
@@ -693,7 +694,9 @@ async fn receiver_task(
     let mut last_seq: Option<u64> = None;
     let mut pending_acks: Vec<String> = Vec::new();
     let acking = ack_interval.is_some();
-    let mut tick = tokio::time::interval(ack_interval.unwrap_or(Duration::from_secs(3600)));
+    let ack_at_once = ack_interval == Some(Duration::ZERO);
+    let every = ack_interval.filter(|d| !d.is_zero());
+    let mut tick = tokio::time::interval(every.unwrap_or(Duration::from_secs(3600)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let flush = tokio::select! {
@@ -737,7 +740,7 @@ async fn receiver_task(
                                 pending_acks.push(id);
                             }
                         }
-                        pending_acks.len() >= 500
+                        ack_at_once && !pending_acks.is_empty() || pending_acks.len() >= 500
                     }
                     Incoming::Frame(_) | Incoming::Other => false,
                     Incoming::Closed(why) => { out.closed = Some(why); break; }

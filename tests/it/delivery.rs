@@ -535,6 +535,129 @@ async fn an_ack_that_lands_before_the_claim_stays_recorded() {
 }
 
 #[tokio::test]
+async fn a_claim_written_with_its_ack_flips_only_unclaimed_messages_of_the_acking_user() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("claim_acked");
+    let store = msgbuf::store::Store::new(rs.client().await.database(&db));
+    store.ensure_indexes().await.expect("indexes");
+    let msg = |text: &str| msgbuf::store::BufferedMessage::new("alice", "bob", "c", text, None);
+    let (fresh, elsewhere, forged, acked_before) = (
+        msg("fresh"),
+        msg("elsewhere"),
+        msg("forged"),
+        msg("acked before"),
+    );
+    let all = [&fresh, &elsewhere, &forged, &acked_before].map(|m| m.clone());
+    for r in store.insert_batch(&all).await {
+        r.expect("insert");
+    }
+    assert_eq!(store.claim(&[elsewhere.id], "B").await.expect("claim"), 1);
+    store
+        .ack(&[("bob".to_owned(), vec![acked_before.id])])
+        .await
+        .expect("ack");
+    let first_ack = doc_of(&rs, &db, &acked_before.id.to_hex())
+        .await
+        .get_datetime("ackedAt")
+        .copied()
+        .expect("acked");
+
+    let flipped = store
+        .claim_acked(
+            &[
+                (
+                    "bob".to_owned(),
+                    vec![fresh.id, elsewhere.id, acked_before.id],
+                ),
+                ("mallory".to_owned(), vec![forged.id]),
+            ],
+            "A",
+        )
+        .await
+        .expect("claim with ack");
+    assert_eq!(flipped, 2, "fresh and acked-before; not the others");
+
+    let d = doc_of(&rs, &db, &fresh.id.to_hex()).await;
+    assert_eq!(
+        (
+            d.get_bool("delivered"),
+            d.get_str("deliveredBy"),
+            d.get_str("receiptFor")
+        ),
+        (Ok(true), Ok("A"), Ok("alice")),
+        "{d}"
+    );
+    assert!(d.get_datetime("ackedAt").is_ok(), "{d}");
+    let d = doc_of(&rs, &db, &elsewhere.id.to_hex()).await;
+    assert_eq!(d.get_str("deliveredBy").ok(), Some("B"), "{d}");
+    assert_eq!(d.get("ackedAt"), Some(&mongodb::bson::Bson::Null), "{d}");
+    let d = doc_of(&rs, &db, &forged.id.to_hex()).await;
+    assert_eq!(d.get_bool("delivered").ok(), Some(false), "{d}");
+    assert!(d.get("ackedAt").is_none(), "{d}");
+    let d = doc_of(&rs, &db, &acked_before.id.to_hex()).await;
+    assert_eq!(d.get_datetime("ackedAt").ok(), Some(&first_ack), "{d}");
+    let counts = store.counts().await.expect("counts");
+    assert_eq!((counts.delivered, counts.unacked), (3, 1));
+}
+
+#[tokio::test]
+async fn a_receiver_that_acks_at_once_gets_each_message_recorded_with_one_receipt() {
+    // An ack sent as soon as the message is read usually reaches the instance before the
+    // (batched) claim is written, and both then go in one write. Whichever way each message
+    // goes, it is recorded delivered and acknowledged, and its sender gets one receipt.
+    const N: usize = 20;
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("ack_at_once");
+    let (a, b) = two_instances(&rs, &db).await;
+    let (mut bob, _) = b.join("bob").await;
+    let (mut alice, _) = a.join("alice").await;
+    let reader = tokio::spawn(async move {
+        for _ in 0..=N {
+            let m = bob.expect("chat_message", T).await.expect("live message");
+            bob.ack(&[id_of(&m.data)]).await.expect("ack");
+        }
+        bob
+    });
+
+    let mut accepted = Vec::new();
+    let mut receipts: HashMap<String, usize> = HashMap::new();
+    let mut send_and_collect = async |texts: Vec<String>| {
+        let first = accepted.len();
+        for text in &texts {
+            alice.chat("bob", "chat-1", text, None).await.expect("send");
+        }
+        while accepted.len() < first + texts.len()
+            || accepted[first..]
+                .iter()
+                .any(|id| !receipts.contains_key(id))
+        {
+            let ev = alice.next_event(T).await.expect("an event");
+            match ev.event.as_str() {
+                "message_accepted" => accepted.push(id_of(&ev.data)),
+                "receipt" => *receipts.entry(id_of(&ev.data)).or_default() += 1,
+                _ => {}
+            }
+        }
+    };
+    send_and_collect((0..N).map(|i| format!("m{i}")).collect()).await;
+    // A marker sent after every receipt is in: a second receipt for any of the others would
+    // come from a write made before the marker's, so it would be in by the marker's receipt.
+    send_and_collect(vec!["marker".to_owned()]).await;
+    let _bob = reader.await.expect("reader");
+    let twice: Vec<_> = receipts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "receipts sent twice: {twice:?}");
+    assert_eq!(
+        receipts.keys().collect::<HashSet<_>>(),
+        accepted.iter().collect::<HashSet<_>>()
+    );
+    for id in &accepted {
+        let d = doc_of(&rs, &db, id).await;
+        assert_eq!(d.get_str("deliveredBy").ok(), Some("B"), "{d}");
+        assert!(d.get_datetime("ackedAt").is_ok(), "{d}");
+    }
+}
+
+#[tokio::test]
 async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("redelivery");
