@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use mongodb::bson::{oid::ObjectId, DateTime};
@@ -81,7 +81,12 @@ impl Delivery {
         let inserts = (0..INSERT_SHARDS)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(4 * MAX_INSERT_BATCH);
-                tracker.spawn(insert_loop(store.clone(), rx, cancel.clone()));
+                tracker.spawn(insert_loop(
+                    store.clone(),
+                    metrics.clone(),
+                    rx,
+                    cancel.clone(),
+                ));
                 tx
             })
             .collect();
@@ -118,6 +123,7 @@ impl Delivery {
 
     /// Stores a message with majority write concern; returns once it is acknowledged.
     pub async fn accept(&self, msg: BufferedMessage) -> Result<Accepted, StoreError> {
+        let started = Instant::now();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         msg.sender.hash(&mut h);
         let shard = &self.inserts[(h.finish() as usize) % self.inserts.len()];
@@ -126,7 +132,11 @@ impl Delivery {
             .send(InsertJob { msg, reply })
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
-        rx.await.map_err(|_| StoreError::ShuttingDown)?
+        let accepted = rx.await.map_err(|_| StoreError::ShuttingDown)?;
+        self.metrics
+            .accept_latency
+            .record(started.elapsed().as_secs_f64());
+        accepted
     }
 
     /// Records `user`'s acks (batched with other sockets' acks and with claims).
@@ -264,7 +274,12 @@ pub async fn sweep_loop(delivery: Arc<Delivery>, cancel: CancellationToken) {
     }
 }
 
-async fn insert_loop(store: Store, mut rx: mpsc::Receiver<InsertJob>, cancel: CancellationToken) {
+async fn insert_loop(
+    store: Store,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<InsertJob>,
+    cancel: CancellationToken,
+) {
     let mut closed = false;
     let mut jobs = Vec::with_capacity(MAX_INSERT_BATCH);
     let mut docs = Vec::with_capacity(MAX_INSERT_BATCH);
@@ -276,7 +291,11 @@ async fn insert_loop(store: Store, mut rx: mpsc::Receiver<InsertJob>, cancel: Ca
             docs.push(msg);
             replies.push(reply);
         }
+        let started = Instant::now();
         let results = store.insert_batch(&docs).await;
+        metrics
+            .insert_latency
+            .record(started.elapsed().as_secs_f64());
         for (reply, result) in replies.drain(..).zip(results) {
             // A dropped receiver is a client that went away; the message is stored anyway.
             let _ = reply.send(result);

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub claims_with_ack: Counter,
     pub receipts: Counter,
     pub delivery_latency: Histogram,
+    pub accept_latency: Histogram,
+    pub insert_latency: Histogram,
     pub stream_lag: Histogram,
     pub stream_events: Counter,
     pub stream_resumes: Counter,
@@ -110,6 +112,14 @@ impl Metrics {
             delivery_latency: histogram(
                 "msgbuf_delivery_latency_seconds",
                 "Insert (acceptance) to push on a receiver socket, live path",
+            ),
+            accept_latency: histogram(
+                "msgbuf_accept_latency_seconds",
+                "A send read from its socket to stored with majority write concern (queue + insert)",
+            ),
+            insert_latency: histogram(
+                "msgbuf_insert_batch_seconds",
+                "One insertMany of a batch of sends, majority write concern",
             ),
             stream_lag: histogram(
                 "msgbuf_stream_lag_seconds",
