@@ -22,6 +22,9 @@ pub const MESSAGES: &str = "buffered_messages";
 pub const CHECKPOINTS: &str = "stream_checkpoints";
 pub const LEASES: &str = "leases";
 pub const TTL_INDEX: &str = "deliveredAt_ttl";
+/// A join reads up to this many pending messages per half in one go and counts them
+/// itself; above it, the join counts first and then streams.
+const SMALL_BACKLOG: i64 = 100;
 /// Claimed messages still waiting for their ack, by receiver in `_id` order: a partial
 /// index, so the redelivery sweep, the drain's overdue half and the join's count read
 /// only messages in flight, never a user's whole delivered history.
@@ -417,6 +420,42 @@ impl Store {
     /// The index each of [`Store::drain_filters`] is read from.
     pub const DRAIN_HINTS: [&'static str; 2] = [DRAIN_INDEX, UNACKED_INDEX];
 
+    /// What a join needs: how many messages are pending for `user`, and all of them, oldest
+    /// first. A small backlog (the usual case) is read whole, one limited read per half,
+    /// and counted from what was read; a larger one is counted and then streamed.
+    pub async fn open_pending(
+        &self,
+        user: &str,
+        ack_timeout: Duration,
+    ) -> Result<(u64, Pending), StoreError> {
+        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
+        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
+        let read = |filter: Document, index: &str| {
+            self.messages
+                .find(filter)
+                .sort(doc! {"_id": 1})
+                .hint(mongodb::options::Hint::Name(index.into()))
+                .limit(SMALL_BACKLOG + 1)
+                .batch_size(SMALL_BACKLOG as u32 + 1)
+                .into_future()
+        };
+        let (undelivered, overdue) = futures::try_join!(
+            read(undelivered, undelivered_index),
+            read(overdue, overdue_index)
+        )?;
+        let (undelivered, overdue): (Vec<_>, Vec<_>) =
+            futures::try_join!(undelivered.try_collect(), overdue.try_collect())?;
+        let limit = SMALL_BACKLOG as usize;
+        if undelivered.len() <= limit && overdue.len() <= limit {
+            let mut all = undelivered;
+            all.extend(overdue);
+            all.sort_by_key(|m| m.id);
+            return Ok((all.len() as u64, Pending::loaded(all)));
+        }
+        let count = self.count_pending(user, ack_timeout).await?;
+        Ok((count, self.pending(user, ack_timeout).await?))
+    }
+
     /// Every pending message of `user`, oldest first, streamed in batches.
     pub async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
         let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
@@ -432,11 +471,11 @@ impl Store {
             find(undelivered, undelivered_index).into_future(),
             find(overdue, overdue_index).into_future()
         )?;
-        Ok(Pending {
+        Ok(Pending(Source::Streaming(Box::new(Streams {
             cursors: [undelivered, overdue],
             heads: [None, None],
             started: false,
-        })
+        }))))
     }
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
@@ -689,33 +728,54 @@ impl BufferedMessage {
 pub const DRAIN_INDEX: &str = "receiver_1_delivered_1__id_1";
 
 /// A user's pending messages, oldest first: two index-ordered cursors merged by `_id`.
-pub struct Pending {
+pub struct Pending(Source);
+
+enum Source {
+    /// A small backlog, read whole and merged.
+    Loaded(std::vec::IntoIter<BufferedMessage>),
+    /// Two cursors (one per half, each in `_id` order), merged by `_id` as they stream.
+    Streaming(Box<Streams>),
+}
+
+struct Streams {
     cursors: [mongodb::Cursor<BufferedMessage>; 2],
     heads: [Option<BufferedMessage>; 2],
     started: bool,
 }
 
 impl Pending {
+    fn loaded(messages: Vec<BufferedMessage>) -> Self {
+        Pending(Source::Loaded(messages.into_iter()))
+    }
+
     pub async fn next(&mut self) -> Option<Result<BufferedMessage, StoreError>> {
         use futures::StreamExt;
-        if !self.started {
-            self.started = true;
+        let Streams {
+            cursors,
+            heads,
+            started,
+        } = match &mut self.0 {
+            Source::Loaded(messages) => return messages.next().map(Ok),
+            Source::Streaming(streams) => &mut **streams,
+        };
+        if !*started {
+            *started = true;
             for i in 0..2 {
-                match self.cursors[i].next().await.transpose() {
-                    Ok(head) => self.heads[i] = head,
+                match cursors[i].next().await.transpose() {
+                    Ok(head) => heads[i] = head,
                     Err(e) => return Some(Err(e.into())),
                 }
             }
         }
-        let i = match (&self.heads[0], &self.heads[1]) {
+        let i = match (&heads[0], &heads[1]) {
             (None, None) => return None,
             (Some(_), None) => 0,
             (None, Some(_)) => 1,
             (Some(a), Some(b)) => usize::from(b.id < a.id),
         };
-        let out = self.heads[i].take();
-        match self.cursors[i].next().await.transpose() {
-            Ok(head) => self.heads[i] = head,
+        let out = heads[i].take();
+        match cursors[i].next().await.transpose() {
+            Ok(head) => heads[i] = head,
             Err(e) => return Some(Err(e.into())),
         }
         out.map(Ok)

@@ -321,8 +321,8 @@ impl Session {
         }
         let store = &self.state.store;
         let ack_timeout = self.state.config.ack_timeout;
-        let pending = match store.count_pending(&user, ack_timeout).await {
-            Ok(n) => n,
+        let (pending, messages) = match store.open_pending(&user, ack_timeout).await {
+            Ok(opened) => opened,
             Err(e) => {
                 let e = ProtocolError::from(AppError::from(e));
                 return send(socket, e.to_frame().into()).await;
@@ -336,7 +336,7 @@ impl Session {
         if let Flow::Gone = send(socket, protocol::frame("joined", &joined).into()).await {
             return Flow::Gone;
         }
-        match self.drain(socket, &user).await {
+        match self.drain(socket, messages).await {
             Ok(flow) => flow,
             Err(e) => {
                 // What was not drained stays pending; the redelivery sweep or the next join
@@ -353,12 +353,10 @@ impl Session {
     async fn drain(
         &mut self,
         socket: &mut WebSocket,
-        user: &str,
+        mut cursor: crate::store::Pending,
     ) -> Result<Flow, crate::store::StoreError> {
         let delivery = self.state.delivery.clone();
-        let ack_timeout = self.state.config.ack_timeout;
-        let cutoff = crate::store::overdue_cutoff(ack_timeout);
-        let mut cursor = self.state.store.pending(user, ack_timeout).await?;
+        let cutoff = crate::store::overdue_cutoff(self.state.config.ack_timeout);
         let mut held = VecDeque::new();
         let mut claim = Vec::new();
         let mut resent = Vec::new();
