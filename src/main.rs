@@ -91,6 +91,11 @@ fn init_tracing() {
     }
 }
 
+/// Change events, BSON and JSON frames make for many small short-lived allocations on
+/// every message; mimalloc serves them with less CPU than glibc's allocator (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
