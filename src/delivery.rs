@@ -45,9 +45,10 @@ struct AckJob {
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// What the record loop writes: a delivery to claim, or a socket's acks.
+/// What the record loop writes: a delivery to claim (with the message's receiver), or a
+/// socket's acks.
 enum Record {
-    Claim(ObjectId, DeliveryPath),
+    Claim(ObjectId, String, DeliveryPath),
     Ack(AckJob),
 }
 
@@ -164,7 +165,8 @@ impl Delivery {
             self.metrics
                 .delivery_latency
                 .record(age_ms.max(0) as f64 / 1000.0);
-            self.claim_later(&[msg.id], DeliveryPath::Live).await;
+            self.claim_later(&msg.receiver, &[msg.id], DeliveryPath::Live)
+                .await;
         }
     }
 
@@ -183,10 +185,12 @@ impl Delivery {
         self.metrics.receipts.increment(n as u64);
     }
 
-    /// Queues claims for the batcher (waits when it is behind: backpressure on the stream).
-    pub async fn claim_later(&self, ids: &[ObjectId], path: DeliveryPath) {
+    /// Queues claims of messages addressed to `receiver` for the batcher (waits when it is
+    /// behind: backpressure on the stream).
+    pub async fn claim_later(&self, receiver: &str, ids: &[ObjectId], path: DeliveryPath) {
         for id in ids {
-            if self.records.send(Record::Claim(*id, path)).await.is_err() {
+            let record = Record::Claim(*id, receiver.to_owned(), path);
+            if self.records.send(record).await.is_err() {
                 return;
             }
         }
@@ -249,7 +253,7 @@ impl Delivery {
             .push(&msg.receiver, &Outbound::Chat { id: msg.id, frame })
             > 0
         {
-            self.claim_later(&[msg.id], path).await;
+            self.claim_later(&msg.receiver, &[msg.id], path).await;
         }
     }
 
@@ -323,7 +327,7 @@ async fn record_loop(
         let mut acks = Vec::new();
         for record in batch.drain(..) {
             match record {
-                Record::Claim(id, path) => claims.push((id, path)),
+                Record::Claim(id, receiver, path) => claims.push((id, receiver, path)),
                 Record::Ack(job) => acks.push(job),
             }
         }
@@ -338,34 +342,31 @@ async fn record_loop(
             DeliveryPath::Drain,
             DeliveryPath::Redelivery,
         ] {
-            let (with_ack, mut alone): (Vec<ObjectId>, Vec<ObjectId>) = claims
-                .iter()
-                .filter(|(_, p)| *p == path)
-                .map(|(id, _)| *id)
-                .partition(|id| acked_by.contains_key(id));
+            // An ack counts only from the message's receiver; checking that here keeps the
+            // write's filter one shape (`_id` in a list), which MongoDB plans once.
+            let (mut with_ack, mut alone) = (Vec::new(), Vec::new());
+            for (id, receiver, _) in claims.iter().filter(|(_, _, p)| *p == path) {
+                if acked_by.get(id) == Some(&receiver.as_str()) {
+                    with_ack.push(*id);
+                } else {
+                    alone.push(*id);
+                }
+            }
             let n = with_ack.len() + alone.len();
             if n == 0 {
                 continue;
             }
             let mut won = 0;
             if !with_ack.is_empty() {
-                let mut by_user: HashMap<&str, Vec<ObjectId>> = HashMap::new();
-                for id in &with_ack {
-                    by_user.entry(acked_by[id]).or_default().push(*id);
-                }
-                let by_user: Vec<(String, Vec<ObjectId>)> = by_user
-                    .into_iter()
-                    .map(|(user, ids)| (user.to_owned(), ids))
-                    .collect();
-                match store.claim_acked(&by_user, &instance).await {
+                match store.claim_acked(&with_ack, &instance).await {
                     Ok(flipped) if flipped == with_ack.len() as u64 => {
                         won += flipped;
                         metrics.acks.increment(flipped);
                         metrics.claims_with_ack.increment(flipped);
                         done.extend(with_ack);
                     }
-                    // Some were claimed elsewhere first (or acked by another user): the
-                    // plain writes below are conditional, so each still flips at most once.
+                    // Some were claimed elsewhere first: the plain writes below are
+                    // conditional, so each still flips at most once.
                     Ok(flipped) => {
                         won += flipped;
                         metrics.acks.increment(flipped);

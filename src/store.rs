@@ -535,21 +535,17 @@ impl Store {
         Ok(r.modified_count)
     }
 
-    /// A claim and its ack in one write, for messages whose ack reached this instance
-    /// before their claim was written: one document rewrite and one oplog entry instead of
-    /// two. Flips only unclaimed messages addressed to the acking user, as [`Store::claim`]
-    /// and [`Store::ack`] together would; returns how many it flipped. An earlier ack's date
-    /// is kept, and `receiptFor` then rewrites the same value, which is no change, so the
-    /// stream sends no second receipt.
-    pub async fn claim_acked(
-        &self,
-        acks: &[(String, Vec<ObjectId>)],
-        instance: &str,
-    ) -> Result<u64, StoreError> {
+    /// A claim and its ack in one write, for messages whose ack (from their receiver: the
+    /// caller checks that) reached this instance before their claim was written: one
+    /// document rewrite and one oplog entry instead of two. Flips only unclaimed messages,
+    /// as [`Store::claim`] and [`Store::ack`] together would; returns how many it flipped.
+    /// An earlier ack's date is kept, and `receiptFor` then rewrites the same value, which
+    /// is no change, so the stream sends no second receipt.
+    pub async fn claim_acked(&self, ids: &[ObjectId], instance: &str) -> Result<u64, StoreError> {
         let r = self
             .raw
             .update_many(
-                doc! {"$or": acked_by(acks), "delivered": false},
+                doc! {"_id": {"$in": ids}, "delivered": false},
                 vec![doc! {"$set": {
                     "delivered": true,
                     "deliveredAt": "$$NOW",

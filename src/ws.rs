@@ -437,7 +437,9 @@ impl Session {
         claim: &mut Vec<ObjectId>,
         resent: &mut Vec<ObjectId>,
     ) {
-        delivery.claim_later(claim, DeliveryPath::Drain).await;
+        delivery
+            .claim_later(&self.claims.sub, claim, DeliveryPath::Drain)
+            .await;
         claim.clear();
         if !resent.is_empty() {
             self.state

@@ -254,3 +254,79 @@ async fn serve_refuses_to_start_without_a_secret_and_token_mints_valid_tokens() 
     assert_eq!((claims.sub.as_str(), claims.is_admin()), ("carol", true));
     assert!(claims.exp <= msgbuf::auth::unix_now() + 3600);
 }
+
+#[tokio::test]
+async fn an_ack_for_someone_elses_message_records_nothing_and_sends_no_receipt() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("forged_ack");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut bob, _) = a.join("bob").await;
+    let (mut mallory, _) = a.join("mallory").await;
+    let (mut alice, _) = a.join("alice").await;
+
+    alice.chat("bob", "c", "for bob", None).await.expect("send");
+    let to_bob = id_of(
+        &alice
+            .expect("message_accepted", T)
+            .await
+            .expect("accepted")
+            .data,
+    );
+    // Mallory acks it at once, so her ack can meet bob's claim in one batch, and again
+    // after the claim is written.
+    mallory
+        .ack(std::slice::from_ref(&to_bob))
+        .await
+        .expect("ack");
+    let got = bob.expect("chat_message", T).await.expect("live message");
+    assert_eq!(id_of(&got.data), to_bob);
+    let coll = messages(&rs, &db).await;
+    let oid = mongodb::bson::oid::ObjectId::parse_str(&to_bob).expect("oid");
+    wait_for("the claim", T, || async {
+        let d = coll
+            .find_one(mongodb::bson::doc! {"_id": oid})
+            .await
+            .ok()??;
+        d.get_bool("delivered").unwrap_or(false).then_some(())
+    })
+    .await;
+    mallory
+        .ack(std::slice::from_ref(&to_bob))
+        .await
+        .expect("ack");
+
+    // A message to mallory that she acks: her acks are written in order, so by its
+    // receipt her two forged acks have been written too.
+    alice
+        .chat("mallory", "c", "for mallory", None)
+        .await
+        .expect("send");
+    let to_mallory = id_of(
+        &alice
+            .expect("message_accepted", T)
+            .await
+            .expect("accepted")
+            .data,
+    );
+    let got = mallory
+        .expect("chat_message", T)
+        .await
+        .expect("live message");
+    mallory.ack(&[id_of(&got.data)]).await.expect("ack");
+    let receipt = alice.expect("receipt", T).await.expect("receipt");
+    assert_eq!(
+        id_of(&receipt.data),
+        to_mallory,
+        "no receipt for bob's message yet"
+    );
+    let d = coll
+        .find_one(mongodb::bson::doc! {"_id": oid})
+        .await
+        .expect("find")
+        .expect("stored");
+    assert_eq!(d.get("ackedAt"), Some(&mongodb::bson::Bson::Null), "{d}");
+
+    bob.ack(std::slice::from_ref(&to_bob)).await.expect("ack");
+    let receipt = alice.expect("receipt", T).await.expect("receipt");
+    assert_eq!(id_of(&receipt.data), to_bob);
+}
