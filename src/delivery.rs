@@ -359,19 +359,17 @@ async fn record_loop(
             let mut won = 0;
             if !with_ack.is_empty() {
                 match store.claim_acked(&with_ack, &instance).await {
-                    Ok(flipped) if flipped == with_ack.len() as u64 => {
-                        won += flipped;
-                        metrics.acks.increment(flipped);
-                        metrics.claims_with_ack.increment(flipped);
-                        done.extend(with_ack);
-                    }
-                    // Some were claimed elsewhere first: the plain writes below are
-                    // conditional, so each still flips at most once.
                     Ok(flipped) => {
                         won += flipped;
                         metrics.acks.increment(flipped);
                         metrics.claims_with_ack.increment(flipped);
-                        alone.extend(with_ack);
+                        if flipped == with_ack.len() as u64 {
+                            done.extend(with_ack);
+                        } else {
+                            // Some were claimed elsewhere first: the plain writes below
+                            // are conditional, so each still flips at most once.
+                            alone.extend(with_ack);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, n = with_ack.len(), "claim with ack failed; writing them apart");

@@ -428,21 +428,12 @@ impl Store {
         user: &str,
         ack_timeout: Duration,
     ) -> Result<(u64, Pending), StoreError> {
-        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
-        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
-        let read = |filter: Document, index: &str| {
-            self.messages
-                .find(filter)
-                .sort(doc! {"_id": 1})
-                .hint(mongodb::options::Hint::Name(index.into()))
-                .limit(SMALL_BACKLOG + 1)
+        let [undelivered, overdue] = self.pending_finds(user, ack_timeout).map(|find| {
+            find.limit(SMALL_BACKLOG + 1)
                 .batch_size(SMALL_BACKLOG as u32 + 1)
-                .into_future()
-        };
-        let (undelivered, overdue) = futures::try_join!(
-            read(undelivered, undelivered_index),
-            read(overdue, overdue_index)
-        )?;
+        });
+        let (undelivered, overdue) =
+            futures::try_join!(undelivered.into_future(), overdue.into_future())?;
         let (undelivered, overdue): (Vec<_>, Vec<_>) =
             futures::try_join!(undelivered.try_collect(), overdue.try_collect())?;
         let limit = SMALL_BACKLOG as usize;
@@ -458,6 +449,25 @@ impl Store {
 
     /// Every pending message of `user`, oldest first, streamed in batches.
     pub async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
+        let [undelivered, overdue] = self
+            .pending_finds(user, ack_timeout)
+            .map(|find| find.batch_size(1000));
+        let (undelivered, overdue) =
+            futures::try_join!(undelivered.into_future(), overdue.into_future())?;
+        Ok(Pending(Source::Streaming(Box::new(Streams {
+            cursors: [undelivered, overdue],
+            heads: [None, None],
+            started: false,
+        }))))
+    }
+
+    /// The two halves of `user`'s pending messages, each read in `_id` order from the index
+    /// that answers it.
+    fn pending_finds(
+        &self,
+        user: &str,
+        ack_timeout: Duration,
+    ) -> [mongodb::action::Find<'_, BufferedMessage>; 2] {
         let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
         let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
         let find = |filter: Document, index: &str| {
@@ -465,17 +475,11 @@ impl Store {
                 .find(filter)
                 .sort(doc! {"_id": 1})
                 .hint(mongodb::options::Hint::Name(index.into()))
-                .batch_size(1000)
         };
-        let (undelivered, overdue) = futures::try_join!(
-            find(undelivered, undelivered_index).into_future(),
-            find(overdue, overdue_index).into_future()
-        )?;
-        Ok(Pending(Source::Streaming(Box::new(Streams {
-            cursors: [undelivered, overdue],
-            heads: [None, None],
-            started: false,
-        }))))
+        [
+            find(undelivered, undelivered_index),
+            find(overdue, overdue_index),
+        ]
     }
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
