@@ -529,10 +529,15 @@ impl Store {
     /// The pipeline copies the sender into `receiptFor`, so the change event carries who gets
     /// the receipt.
     pub async fn ack(&self, acks: &[(String, Vec<ObjectId>)]) -> Result<u64, StoreError> {
+        // A socket can only acknowledge its own user's messages.
+        let by_user: Vec<Document> = acks
+            .iter()
+            .map(|(user, ids)| doc! {"_id": {"$in": ids}, "receiver": user})
+            .collect();
         let r = self
             .raw
             .update_many(
-                doc! {"$or": acked_by(acks), "ackedAt": null},
+                doc! {"$or": by_user, "ackedAt": null},
                 vec![doc! {"$set": {"ackedAt": "$$NOW", "updatedAt": "$$NOW", "receiptFor": "$sender"}}],
             )
             .await?;
@@ -693,14 +698,6 @@ impl Store {
             .await?;
         Ok(())
     }
-}
-
-/// `$or` branches matching each user's acked ids among the messages addressed to them: a
-/// socket can only acknowledge its own user's messages.
-fn acked_by(acks: &[(String, Vec<ObjectId>)]) -> Vec<Document> {
-    acks.iter()
-        .map(|(user, ids)| doc! {"_id": {"$in": ids}, "receiver": user})
-        .collect()
 }
 
 /// Pushes before this instant without an ack are overdue for a re-send.

@@ -740,7 +740,7 @@ async fn receiver_task(
                                 pending_acks.push(id);
                             }
                         }
-                        ack_at_once && !pending_acks.is_empty() || pending_acks.len() >= 500
+                        (ack_at_once && !pending_acks.is_empty()) || pending_acks.len() >= 500
                     }
                     Incoming::Frame(_) | Incoming::Other => false,
                     Incoming::Closed(why) => { out.closed = Some(why); break; }
