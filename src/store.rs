@@ -484,6 +484,8 @@ impl Store {
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
     /// the history-lost rescan).
+    /// Two hinted reads, one per half, rather than one `$or`: with hundreds of receivers in
+    /// the `$in`, MongoDB spent 20–40 ms planning the `$or` on every sweep.
     pub async fn overdue(
         &self,
         users: &[String],
@@ -491,11 +493,25 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<BufferedMessage>, StoreError> {
         let cutoff = overdue_cutoff(older_than);
-        let filter = doc! {"$or": [
-            {"receiver": {"$in": users}, "delivered": false, "timestamp": {"$lt": cutoff}},
-            overdue_of(doc! {"$in": users}.into(), older_than),
-        ]};
-        self.oldest_first(filter, limit).await
+        let undelivered =
+            doc! {"receiver": {"$in": users}, "delivered": false, "timestamp": {"$lt": cutoff}};
+        let overdue = overdue_of(doc! {"$in": users}.into(), older_than);
+        let read = |filter: Document, index: &'static str| async move {
+            self.messages
+                .find(filter)
+                .sort(doc! {"_id": 1})
+                .hint(mongodb::options::Hint::Name(index.into()))
+                .limit(limit)
+                .await?
+                .try_collect::<Vec<_>>()
+                .await
+        };
+        let (mut all, overdue) =
+            futures::try_join!(read(undelivered, DRAIN_INDEX), read(overdue, UNACKED_INDEX))?;
+        all.extend(overdue);
+        all.sort_by_key(|m| m.id);
+        all.truncate(limit.max(0) as usize);
+        Ok(all)
     }
 
     /// Up to `limit` messages matching `filter`, oldest first.
