@@ -484,8 +484,8 @@ impl Store {
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
     /// the history-lost rescan).
-    /// Two hinted reads, one per half, rather than one `$or`: with hundreds of receivers in
-    /// the `$in`, MongoDB spent 20–40 ms planning the `$or` on every sweep.
+    /// Two hinted reads, one per half, rather than one `$or` of both: for 100 receivers the
+    /// `$or` cost 35 ms per call against 10 ms for the pair (BENCHMARKS.md), on every sweep.
     pub async fn overdue(
         &self,
         users: &[String],
