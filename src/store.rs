@@ -387,11 +387,7 @@ impl Store {
     /// How many messages a join will drain: the two halves counted apart, each from its
     /// own index (an `$or` count is planned per call and may pick a plan that reads the
     /// user's whole history).
-    pub async fn count_pending(
-        &self,
-        user: &str,
-        ack_timeout: Duration,
-    ) -> Result<u64, StoreError> {
+    async fn count_pending(&self, user: &str, ack_timeout: Duration) -> Result<u64, StoreError> {
         let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
         let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
         let count = |filter: Document, index: &str| {
@@ -448,7 +444,7 @@ impl Store {
     }
 
     /// Every pending message of `user`, oldest first, streamed in batches.
-    pub async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
+    async fn pending(&self, user: &str, ack_timeout: Duration) -> Result<Pending, StoreError> {
         let [undelivered, overdue] = self
             .pending_finds(user, ack_timeout)
             .map(|find| find.batch_size(1000));
@@ -470,20 +466,28 @@ impl Store {
     ) -> [mongodb::action::Find<'_, BufferedMessage>; 2] {
         let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
         let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
-        let find = |filter: Document, index: &str| {
-            self.messages
-                .find(filter)
-                .sort(doc! {"_id": 1})
-                .hint(mongodb::options::Hint::Name(index.into()))
-        };
         [
-            find(undelivered, undelivered_index),
-            find(overdue, overdue_index),
+            self.oldest_first_in(undelivered, undelivered_index),
+            self.oldest_first_in(overdue, overdue_index),
         ]
+    }
+
+    /// Messages matching `filter`, oldest first, read from `index` (hinted: one plan, never
+    /// a per-call race between indexes).
+    fn oldest_first_in(
+        &self,
+        filter: Document,
+        index: &str,
+    ) -> mongodb::action::Find<'_, BufferedMessage> {
+        self.messages
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .hint(mongodb::options::Hint::Name(index.into()))
     }
 
     /// Pending messages of several users older than `older_than` (the redelivery sweep and
     /// the history-lost rescan).
+    ///
     /// Two hinted reads, one per half, rather than one `$or` of both: for 100 receivers the
     /// `$or` cost 35 ms per call against 10 ms for the pair (BENCHMARKS.md), on every sweep.
     pub async fn overdue(
@@ -497,10 +501,7 @@ impl Store {
             doc! {"receiver": {"$in": users}, "delivered": false, "timestamp": {"$lt": cutoff}};
         let overdue = overdue_of(doc! {"$in": users}.into(), older_than);
         let read = |filter: Document, index: &'static str| async move {
-            self.messages
-                .find(filter)
-                .sort(doc! {"_id": 1})
-                .hint(mongodb::options::Hint::Name(index.into()))
+            self.oldest_first_in(filter, index)
                 .limit(limit)
                 .await?
                 .try_collect::<Vec<_>>()
