@@ -8,27 +8,24 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use mongodb::bson::{doc, oid::ObjectId};
+use mongodb::bson::oid::ObjectId;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::{bearer_token, is_valid_user_id, AuthError, Claims};
-use crate::error::AppError;
+use crate::error::Error;
 use crate::protocol::{rfc3339, SendMessage};
-use crate::server::AppState;
-use crate::store::BufferedMessage;
+use crate::state::AppState;
+use crate::store::{BufferedMessage, Receivers};
 
 /// The caller, from `Authorization: Bearer <jwt>`.
 pub struct AuthUser(pub Claims);
 
 impl FromRequestParts<Arc<AppState>> for AuthUser {
-    type Rejection = AppError;
+    type Rejection = Error;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, AppError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Error> {
         let token = bearer_token(&parts.headers, None).ok_or(AuthError::Missing)?;
         Ok(AuthUser(state.auth.verify(token)?))
     }
@@ -38,12 +35,12 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = AppError;
+    type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(AppError::BadRequest(r.body_text())),
+            Err(r) => Err(Error::bad_request(r.body_text())),
         }
     }
 }
@@ -52,22 +49,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 pub struct ApiQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = AppError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(v)) => Ok(ApiQuery(v)),
-            Err(r) => Err(AppError::BadRequest(r.body_text())),
+            Err(r) => Err(Error::bad_request(r.body_text())),
         }
     }
 }
 
-fn require_admin(claims: &Claims) -> Result<(), AppError> {
+fn require_admin(claims: &Claims) -> Result<(), Error> {
     if claims.is_admin() {
         Ok(())
     } else {
-        Err(AppError::Forbidden(
-            "this route needs an admin token (role: admin)".into(),
+        Err(Error::forbidden(
+            "this route needs an admin token (role: admin)",
         ))
     }
 }
@@ -77,7 +74,7 @@ pub async fn send_message(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
     ApiJson(body): ApiJson<SendMessage>,
-) -> Result<Response, AppError> {
+) -> Result<Response, Error> {
     body.validate()?;
     let msg = BufferedMessage::new(
         &claims.sub,
@@ -87,10 +84,10 @@ pub async fn send_message(
         body.client_msg_id,
     );
     let accepted = state.delivery.accept(msg).await?;
-    state.metrics.accepted_rest.increment(1);
+    state.metrics().accepted_rest.increment(1);
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": accepted.id.to_hex(), "timestamp": rfc3339(accepted.timestamp)})),
+        Json(json!({"id": accepted.id, "timestamp": accepted.timestamp})),
     )
         .into_response())
 }
@@ -137,12 +134,12 @@ impl From<BufferedMessage> for MessageView {
     }
 }
 
-fn check_user_path(user: &str) -> Result<(), AppError> {
+fn check_user_path(user: &str) -> Result<(), Error> {
     if is_valid_user_id(user) {
         Ok(())
     } else {
-        Err(AppError::BadRequest(
-            "user ids are 1..=128 characters of [A-Za-z0-9_.@:-]".into(),
+        Err(Error::bad_request(
+            "user ids are 1..=128 characters of [A-Za-z0-9_.@:-]",
         ))
     }
 }
@@ -153,27 +150,26 @@ pub async fn list_buffered(
     AuthUser(claims): AuthUser,
     Path(user): Path<String>,
     ApiQuery(q): ApiQuery<PageQuery>,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<serde_json::Value>, Error> {
     check_user_path(&user)?;
     if claims.sub != user && !claims.is_admin() {
-        return Err(AppError::Forbidden(
-            "you can only read your own buffer".into(),
-        ));
+        return Err(Error::forbidden("you can only read your own buffer"));
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(AppError::BadRequest(
-            "`limit` must be between 1 and 1000".into(),
-        ));
+        return Err(Error::bad_request("`limit` must be between 1 and 1000"));
     }
     let after = match q.after.as_deref() {
         None => None,
         Some(a) => Some(
             ObjectId::parse_str(a)
-                .map_err(|_| AppError::BadRequest("`after` must be a 24-hex message id".into()))?,
+                .map_err(|_| Error::bad_request("`after` must be a 24-hex message id"))?,
         ),
     };
-    let page = state.store.buffered_page(&user, after, limit).await?;
+    let page = state
+        .store()
+        .undelivered(Receivers::One(&user), after, limit)
+        .await?;
     let next = if page.len() as i64 == limit {
         page.last().map(|m| m.id.to_hex())
     } else {
@@ -190,10 +186,10 @@ pub async fn clear_buffered(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
     Path(user): Path<String>,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<serde_json::Value>, Error> {
     require_admin(&claims)?;
     check_user_path(&user)?;
-    let deleted = state.store.delete_undelivered(&user).await?;
+    let deleted = state.store().delete_undelivered(&user).await?;
     tracing::info!(admin = %claims.sub, user = %user, deleted, "buffer cleared");
     Ok(Json(json!({"userId": user, "deleted": deleted})))
 }
@@ -202,14 +198,14 @@ pub async fn clear_buffered(
 pub async fn buffer_stats(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<serde_json::Value>, Error> {
     require_admin(&claims)?;
-    let counts = state.store.counts().await?;
-    let mut body = serde_json::to_value(counts).map_err(|_| AppError::Internal)?;
+    let counts = state.store().counts().await?;
+    let mut body = serde_json::to_value(counts).map_err(Error::internal)?;
     if let Some(obj) = body.as_object_mut() {
-        obj.insert("onlineUsers".into(), state.presence.online_users().into());
-        obj.insert("connections".into(), state.presence.connections().into());
-        obj.insert("instance".into(), state.instance.to_string().into());
+        obj.insert("onlineUsers".into(), state.presence().online_users().into());
+        obj.insert("connections".into(), state.presence().connections().into());
+        obj.insert("instance".into(), state.instance().to_owned().into());
     }
     Ok(Json(body))
 }
@@ -220,13 +216,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// 200 when MongoDB answers and the change stream runs, else 503.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let ping = tokio::time::timeout(
-        Duration::from_secs(2),
-        state.store.database().run_command(doc! {"ping": 1}),
-    )
-    .await;
+    let ping = tokio::time::timeout(Duration::from_secs(2), state.store().ping()).await;
     let mongo = matches!(ping, Ok(Ok(_)));
-    let stream = state.stream_running();
+    let stream = state.stream.is_running();
     let status = if mongo && stream {
         StatusCode::OK
     } else {
@@ -234,15 +226,16 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     };
     (
         status,
-        Json(json!({"ready": status == StatusCode::OK, "mongodb": mongo, "changeStream": stream, "instance": &*state.instance})),
+        Json(json!({"ready": status == StatusCode::OK, "mongodb": mongo, "changeStream": stream, "instance": state.instance()})),
     )
         .into_response()
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let body = state
-        .metrics
-        .render(state.presence.connections(), state.presence.online_users());
+    let body = state.metrics().render(
+        state.presence().connections(),
+        state.presence().online_users(),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -253,8 +246,8 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-pub async fn not_found() -> AppError {
-    AppError::NotFound("no such route".into())
+pub async fn not_found() -> Error {
+    Error::not_found("no such route")
 }
 
 pub async fn dev_status() -> Json<serde_json::Value> {
@@ -273,11 +266,11 @@ pub struct DevTokenRequest {
 pub async fn dev_token(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<DevTokenRequest>,
-) -> Result<Json<serde_json::Value>, AppError> {
+) -> Result<Json<serde_json::Value>, Error> {
     check_user_path(&req.user_id)?;
     let token = state
         .auth
         .mint(&req.user_id, req.admin, Duration::from_secs(24 * 3600))
-        .map_err(|e| AppError::BadRequest(e.to_string()))?;
+        .map_err(|e| Error::bad_request(e.to_string()))?;
     Ok(Json(json!({"token": token})))
 }

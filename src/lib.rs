@@ -1,27 +1,37 @@
 //! msgbuf: real-time chat delivery over WebSocket with a MongoDB replica set as the
 //! durable buffer for offline users — and as the only moving part (no broker).
 //!
-//! Data flow: senders only insert [`store::BufferedMessage`]s; every instance tails one
-//! change stream ([`stream`]) and pushes inserts to the receiver's sockets joined on it
-//! ([`presence`]); the `delivered` flip is claimed atomically ([`delivery`]); a user who
-//! joins later is drained oldest first ([`ws`]). See `docs/PROTOCOL.md` for the contract.
+//! Data flow: senders only insert [`BufferedMessage`]s; every instance tails one change
+//! stream (`stream`) and pushes inserts to the receiver's sockets joined on it
+//! (`presence`); the `delivered` flip is claimed atomically (`delivery`); a user who joins
+//! later is drained oldest first (`session`, behind the `/ws` transport `ws`). See
+//! `docs/ARCHITECTURE.md` for the modules and `docs/PROTOCOL.md` for the contract.
+//!
+//! The public surface is what the binaries and the tests use; everything else is private.
 
-pub mod api;
-pub mod auth;
-pub mod cleanup;
+mod api;
+mod auth;
+mod cleanup;
 pub mod client;
-pub mod config;
-pub mod delivery;
-pub mod error;
-pub mod metrics;
+mod config;
+mod delivery;
+mod error;
+mod metrics;
 pub mod mongo;
-pub mod presence;
+mod presence;
 pub mod protocol;
-pub mod server;
-pub mod store;
-pub mod stream;
-pub mod web;
-pub mod ws;
+mod server;
+mod session;
+mod state;
+mod store;
+mod stream;
+mod web;
+mod ws;
 
-pub use config::Config;
-pub use server::{app, AppState, Server};
+pub use auth::{unix_now, Auth, Claims, INSECURE_DEV_SECRET};
+pub use cleanup::Sweep;
+pub use config::{parse_duration, Config};
+pub use error::{Error, ErrorCode, WireError};
+pub use server::{app, Server};
+pub use state::AppState;
+pub use store::{BufferedMessage, Store, CHECKPOINTS, LEASES, MESSAGES, TTL_INDEX};

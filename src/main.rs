@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use msgbuf::auth::Auth;
 use msgbuf::client::{ClientError, WsClient};
-use msgbuf::config::{parse_duration, Config};
 use msgbuf::mongo::{self, EmbeddedMongod};
+use msgbuf::Auth;
 use msgbuf::Server;
+use msgbuf::{parse_duration, Config};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -4,26 +4,56 @@
 //! two instances in one test process report separately. Handles are registered once and
 //! updated without a lookup on the hot path.
 
+use dashmap::DashMap;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
+const HTTP_REQUESTS: &str = "msgbuf_http_requests_total";
 const META: Metadata<'static> = Metadata::new("msgbuf", Level::INFO, Some("msgbuf"));
 
-/// Which path put a message on a socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which path put a message on a socket (the `path` label of deliveries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryPath {
+    /// A change event pushed to a joined socket.
     Live,
+    /// A join's drain of what was pending.
     Drain,
+    /// A re-send after the ack timeout (by a join's drain or the sweep).
     Redelivery,
+    /// The sweep's safety net: an undelivered message no push or drain took.
+    Sweep,
+    /// The rescan after the change stream lost its place.
+    Rescan,
+}
+
+impl DeliveryPath {
+    pub const ALL: [DeliveryPath; 5] = [
+        DeliveryPath::Live,
+        DeliveryPath::Drain,
+        DeliveryPath::Redelivery,
+        DeliveryPath::Sweep,
+        DeliveryPath::Rescan,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DeliveryPath::Live => "live",
+            DeliveryPath::Drain => "drain",
+            DeliveryPath::Redelivery => "redelivery",
+            DeliveryPath::Sweep => "sweep",
+            DeliveryPath::Rescan => "rescan",
+        }
+    }
 }
 
 pub struct Metrics {
     recorder: PrometheusRecorder,
     pub accepted_ws: Counter,
     pub accepted_rest: Counter,
-    delivered_live: Counter,
-    delivered_drain: Counter,
-    delivered_redelivery: Counter,
+    /// Indexed by `DeliveryPath as usize`.
+    delivered: [Counter; 5],
+    /// `msgbuf_http_requests_total` by (route template, status), registered on first use.
+    http_requests: DashMap<(String, u16), Counter>,
     pub claims_lost: Counter,
     pub acks: Counter,
     pub claims_with_ack: Counter,
@@ -63,6 +93,11 @@ impl Metrics {
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let r = &recorder;
+        r.describe_counter(
+            HTTP_REQUESTS.into(),
+            None,
+            "HTTP requests by route and status".into(),
+        );
         let counter =
             |name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]| {
                 r.describe_counter(name.into(), None, help.into());
@@ -86,9 +121,9 @@ impl Metrics {
         Metrics {
             accepted_ws: counter(ACCEPTED, ACCEPTED_HELP, &[("via", "ws")]),
             accepted_rest: counter(ACCEPTED, ACCEPTED_HELP, &[("via", "rest")]),
-            delivered_live: counter(DELIVERED, DELIVERED_HELP, &[("path", "live")]),
-            delivered_drain: counter(DELIVERED, DELIVERED_HELP, &[("path", "drain")]),
-            delivered_redelivery: counter(DELIVERED, DELIVERED_HELP, &[("path", "redelivery")]),
+            delivered: DeliveryPath::ALL
+                .map(|path| counter(DELIVERED, DELIVERED_HELP, &[("path", path.label())])),
+            http_requests: DashMap::new(),
             claims_lost: counter(
                 "msgbuf_claims_lost_total",
                 "Delivery claims already taken by another instance",
@@ -176,31 +211,25 @@ impl Metrics {
     }
 
     pub fn delivered(&self, path: DeliveryPath, n: u64) {
-        match path {
-            DeliveryPath::Live => &self.delivered_live,
-            DeliveryPath::Drain => &self.delivered_drain,
-            DeliveryPath::Redelivery => &self.delivered_redelivery,
-        }
-        .increment(n);
+        self.delivered[path as usize].increment(n);
     }
 
     /// Counts one HTTP request by route template and status.
     pub fn http_request(&self, route: &str, status: u16) {
-        self.recorder.describe_counter(
-            "msgbuf_http_requests_total".into(),
-            None,
-            "HTTP requests by route and status".into(),
-        );
+        if let Some(counter) = self.http_requests.get(&(route.to_owned(), status)) {
+            counter.increment(1);
+            return;
+        }
         let labels = vec![
             Label::new("route", route.to_owned()),
             Label::new("status", status.to_string()),
         ];
-        self.recorder
-            .register_counter(
-                &Key::from_parts("msgbuf_http_requests_total", labels),
-                &META,
-            )
-            .increment(1);
+        let counter = self
+            .recorder
+            .register_counter(&Key::from_parts(HTTP_REQUESTS, labels), &META);
+        counter.increment(1);
+        self.http_requests
+            .insert((route.to_owned(), status), counter);
     }
 
     /// Prometheus text, with the gauges read at scrape time.

@@ -4,7 +4,7 @@
 //! the client stopped reading, so the session is told to close (4001) and its messages
 //! stay in MongoDB for its next join. DashMap guards are only held for non-async work.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -31,6 +31,9 @@ pub struct SessionHandle {
     tx: mpsc::Sender<Outbound>,
     /// Cancelled when the queue overflowed: the socket task closes with 4001.
     overflow: CancellationToken,
+    /// Raised while the session drains its backlog: the sweep leaves it alone then (the
+    /// drain delivers what the sweep would, and its held frames are bounded).
+    draining: Arc<AtomicBool>,
 }
 
 impl SessionHandle {
@@ -90,6 +93,7 @@ impl Presence {
             presence: self.clone(),
             user: user.to_owned(),
             session: None,
+            draining: Arc::default(),
         })
     }
 
@@ -117,13 +121,27 @@ impl Presence {
 
     /// Queues `item` for every joined session of `user`; returns how many took it.
     pub fn push(&self, user: &str, item: &Outbound) -> usize {
+        self.push_where(user, item, |_| true)
+    }
+
+    /// Like [`Presence::push`], but not to sessions that are draining their backlog.
+    pub fn push_to_settled(&self, user: &str, item: &Outbound) -> usize {
+        self.push_where(user, item, |s| !s.draining.load(Ordering::Relaxed))
+    }
+
+    fn push_where(
+        &self,
+        user: &str,
+        item: &Outbound,
+        to: impl Fn(&SessionHandle) -> bool,
+    ) -> usize {
         let Some(entry) = self.users.get(user) else {
             return 0;
         };
         entry
             .sessions
             .iter()
-            .filter(|s| s.push(item.clone()))
+            .filter(|s| to(s) && s.push(item.clone()))
             .count()
     }
 
@@ -151,13 +169,10 @@ pub struct ConnectionGuard {
     presence: Arc<Presence>,
     user: String,
     session: Option<u64>,
+    draining: Arc<AtomicBool>,
 }
 
 impl ConnectionGuard {
-    pub fn user(&self) -> &str {
-        &self.user
-    }
-
     /// Makes this connection one of the user's online sessions, with a queue of `capacity`
     /// whose overflow cancels `overflow`. Joining twice keeps the first session (`None`).
     pub fn join(
@@ -170,7 +185,12 @@ impl ConnectionGuard {
         }
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.presence.next_id.fetch_add(1, Ordering::Relaxed);
-        let handle = SessionHandle { id, tx, overflow };
+        let handle = SessionHandle {
+            id,
+            tx,
+            overflow,
+            draining: self.draining.clone(),
+        };
         let mut entry = self.presence.users.entry(self.user.clone()).or_default();
         if entry.sessions.is_empty() {
             self.presence.online_users.fetch_add(1, Ordering::Relaxed);
@@ -181,8 +201,9 @@ impl ConnectionGuard {
         Some(rx)
     }
 
-    pub fn is_joined(&self) -> bool {
-        self.session.is_some()
+    /// Marks the session as draining its backlog (or done with it).
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
     }
 }
 

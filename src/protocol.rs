@@ -1,11 +1,14 @@
-//! Wire types of protocol v1 (`docs/PROTOCOL.md`) and the decoder of client frames.
+//! Wire types of protocol v1 (`docs/PROTOCOL.md`): every frame is `{"event", "data"}`, and
+//! both directions are serde-tagged enums, [`ClientFrame`] and [`ServerFrame`], shared by the
+//! server, the bundled client, the load generator and the tests.
 //!
-//! Decoding never panics and never closes the socket: every malformed frame maps to a
-//! [`ProtocolError`] that the socket task sends back as an `error` event.
+//! [`decode`] never panics and never closes the socket: every malformed frame maps to an
+//! [`Error`] that the session sends back as an `error` event.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::auth::is_valid_user_id;
+use crate::error::{Error, ErrorCode, WireError};
 
 /// Limits fixed by the protocol.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -13,73 +16,103 @@ pub const MAX_CHAT_ID_CHARS: usize = 128;
 pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
 pub const MAX_ACK_IDS: usize = 1000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    BadRequest,
-    Unauthorized,
-    Forbidden,
-    TooLarge,
-    RateLimited,
-    Unavailable,
-    Internal,
+/// A frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", content = "data", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// `data` may be left out: `{"event": "join_chat"}` joins as the token's user.
+    JoinChat(JoinChat),
+    ChatMessage(#[serde(deserialize_with = "object")] SendMessage),
+    Ack(#[serde(deserialize_with = "object")] AckIds),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ProtocolError {
-    pub code: ErrorCode,
-    pub message: String,
-    pub client_msg_id: Option<String>,
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct JoinChat {
+    #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
 }
 
-impl ProtocolError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError {
-            code,
-            message: message.into(),
-            client_msg_id: None,
+impl<'de> Deserialize<'de> for JoinChat {
+    /// From an object, or from nothing (`data` left out or `null`).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            #[serde(rename = "userId", default)]
+            user_id: Option<String>,
         }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::BadRequest, message)
-    }
-
-    pub fn with_client_msg_id(mut self, id: Option<String>) -> Self {
-        self.client_msg_id = id;
-        self
-    }
-
-    /// The `error` event frame.
-    pub fn to_frame(&self) -> String {
-        frame(
-            "error",
-            &ErrorOut {
-                code: self.code,
-                message: &self.message,
-                client_msg_id: self.client_msg_id.as_deref(),
-            },
-        )
+        let fields: Fields = object_or_nothing(d)?;
+        Ok(JoinChat {
+            user_id: fields.user_id,
+        })
     }
 }
 
 /// A `chat_message` from a client (also the body of `POST /api/messages`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendMessage {
     pub to: String,
     #[serde(rename = "chatId")]
     pub chat_id: String,
     pub message: String,
-    #[serde(rename = "clientMsgId", default)]
+    #[serde(
+        rename = "clientMsgId",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_msg_id: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckIds {
+    pub ids: Vec<String>,
+}
+
+/// Reads `T` only from a JSON object. A derived struct would also take an array, by
+/// position (`["bob", "chat", "text"]`), which no client means.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct ObjectOnly<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(ObjectOnly(std::marker::PhantomData))
+}
+
+/// Like [`object`], and a missing (or `null`) `data` is the default.
+fn object_or_nothing<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    struct OrNothing<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de> + Default> serde::de::Visitor<'de> for OrNothing<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object or nothing")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<T, D2::Error> {
+            object(d)
+        }
+    }
+    d.deserialize_option(OrNothing(std::marker::PhantomData))
+}
+
 impl SendMessage {
-    pub fn validate(&self) -> Result<(), ProtocolError> {
-        let err = |code, msg: &str| {
-            Err(ProtocolError::new(code, msg).with_client_msg_id(self.client_msg_id.clone()))
+    pub fn validate(&self) -> Result<(), Error> {
+        let err = |code, msg: &'static str| {
+            Err(Error::new(code, msg).with_client_msg_id(self.client_msg_id.clone()))
         };
         if !is_valid_user_id(&self.to) {
             return err(
@@ -110,109 +143,58 @@ impl SendMessage {
     }
 }
 
-/// A decoded client frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientEvent {
-    Join { user_id: Option<String> },
-    Chat(SendMessage),
-    Ack { ids: Vec<String> },
-}
-
-#[derive(Deserialize)]
-struct RawFrame {
-    event: String,
-    #[serde(default)]
-    data: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JoinData {
-    #[serde(rename = "userId", default)]
-    user_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AckData {
-    ids: Vec<String>,
-}
-
-/// Decodes one text frame. Field validation of `chat_message` is part of decoding, so a
-/// decoded [`ClientEvent::Chat`] is ready to store.
-pub fn decode(text: &str) -> Result<ClientEvent, ProtocolError> {
-    let raw: RawFrame = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::bad_request(format!(
-            "frames are JSON objects {{\"event\": ..., \"data\": {{...}}}}: {e}"
+/// Decodes one text frame. Field validation is part of decoding, so a decoded
+/// [`ClientFrame::ChatMessage`] is ready to store.
+pub fn decode(text: &str) -> Result<ClientFrame, Error> {
+    let frame: ClientFrame = serde_json::from_str(text).map_err(|e| {
+        Error::bad_request(format!(
+            "frames are JSON objects {{\"event\": \"join_chat\"|\"chat_message\"|\"ack\", \"data\": {{...}}}}: {e}"
         ))
+        .with_client_msg_id(client_msg_id_of(text))
     })?;
-    let data = raw
-        .data
-        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
-    match raw.event.as_str() {
-        "join_chat" => {
-            let join: JoinData = from_data(&raw.event, data)?;
-            Ok(ClientEvent::Join {
-                user_id: join.user_id,
-            })
+    match &frame {
+        ClientFrame::ChatMessage(m) => m.validate()?,
+        ClientFrame::Ack(a) if a.ids.len() > MAX_ACK_IDS => {
+            return Err(Error::bad_request("`ack` takes at most 1000 ids"))
         }
-        "chat_message" => {
-            let client_msg_id = data
-                .get("clientMsgId")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned);
-            let msg: SendMessage =
-                from_data(&raw.event, data).map_err(|e| e.with_client_msg_id(client_msg_id))?;
-            msg.validate()?;
-            Ok(ClientEvent::Chat(msg))
-        }
-        "ack" => {
-            let ack: AckData = from_data(&raw.event, data)?;
-            if ack.ids.len() > MAX_ACK_IDS {
-                return Err(ProtocolError::bad_request("`ack` takes at most 1000 ids"));
-            }
-            Ok(ClientEvent::Ack { ids: ack.ids })
-        }
-        other => Err(ProtocolError::bad_request(format!(
-            "unknown event `{}` (expected join_chat, chat_message or ack)",
-            truncate(other, 64)
-        ))),
+        _ => {}
+    }
+    Ok(frame)
+}
+
+/// The `clientMsgId` of a frame that failed to decode, so the error can name it.
+fn client_msg_id_of(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["event"] != "chat_message" {
+        return None;
+    }
+    v["data"]["clientMsgId"].as_str().map(str::to_owned)
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", content = "data", rename_all = "snake_case")]
+pub enum ServerFrame {
+    ChatMessage(ChatOut),
+    MessageAccepted(Accepted),
+    Joined(Joined),
+    Receipt(Receipt),
+    Error(WireError),
+}
+
+impl ServerFrame {
+    /// The JSON text of the frame.
+    pub fn encode(&self) -> String {
+        // These plain structs always serialise; an empty object keeps the socket alive
+        // even if one ever did not.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
 }
 
-fn from_data<T: serde::de::DeserializeOwned>(
-    event: &str,
-    data: serde_json::Value,
-) -> Result<T, ProtocolError> {
-    serde_json::from_value(data)
-        .map_err(|e| ProtocolError::bad_request(format!("invalid `{event}` data: {e}")))
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => &s[..i],
-        None => s,
+impl ClientFrame {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
     }
-}
-
-/// Serialises `{"event": name, "data": data}`.
-pub fn frame<T: Serialize>(event: &str, data: &T) -> String {
-    #[derive(Serialize)]
-    struct Frame<'a, T> {
-        event: &'a str,
-        data: &'a T,
-    }
-    // Serialising these plain structs cannot fail; an empty object keeps the socket alive
-    // even if it ever did.
-    serde_json::to_string(&Frame { event, data }).unwrap_or_else(|_| "{}".to_owned())
-}
-
-#[derive(Serialize)]
-struct ErrorOut<'a> {
-    code: ErrorCode,
-    message: &'a str,
-    #[serde(rename = "clientMsgId", skip_serializing_if = "Option::is_none")]
-    client_msg_id: Option<&'a str>,
 }
 
 /// `chat_message` from the server.
@@ -229,6 +211,7 @@ pub struct ChatOut {
     pub redelivery: bool,
 }
 
+/// A stored send: `message_accepted` on the socket, the 201 body of `POST /api/messages`.
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub id: String,
@@ -262,27 +245,31 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn code_of(text: &str) -> Option<ErrorCode> {
+        decode(text).err().map(|e| e.code())
+    }
+
     #[test]
     fn decodes_the_three_events() {
         assert_eq!(
             decode(r#"{"event":"join_chat","data":{}}"#),
-            Ok(ClientEvent::Join { user_id: None })
+            Ok(ClientFrame::JoinChat(JoinChat::default()))
         );
         assert_eq!(
             decode(r#"{"event":"join_chat"}"#),
-            Ok(ClientEvent::Join { user_id: None })
+            Ok(ClientFrame::JoinChat(JoinChat::default()))
         );
         let chat = decode(
             r#"{"event":"chat_message","data":{"to":"bob","chatId":"c","message":"hi","clientMsgId":"k1"}}"#,
         );
         assert!(
-            matches!(chat, Ok(ClientEvent::Chat(ref m)) if m.to == "bob" && m.client_msg_id.as_deref() == Some("k1"))
+            matches!(chat, Ok(ClientFrame::ChatMessage(ref m)) if m.to == "bob" && m.client_msg_id.as_deref() == Some("k1"))
         );
         assert_eq!(
             decode(r#"{"event":"ack","data":{"ids":["a"]}}"#),
-            Ok(ClientEvent::Ack {
+            Ok(ClientFrame::Ack(AckIds {
                 ids: vec!["a".into()]
-            })
+            }))
         );
     }
 
@@ -298,11 +285,7 @@ mod tests {
             r#"{"event":"chat_message","data":{"to":"b b","chatId":"c","message":"m"}}"#,
             r#"{"event":"ack","data":{"ids":"x"}}"#,
         ] {
-            assert_eq!(
-                decode(bad).map_err(|e| e.code),
-                Err(ErrorCode::BadRequest),
-                "{bad}"
-            );
+            assert_eq!(code_of(bad), Some(ErrorCode::BadRequest), "{bad}");
         }
         let big = format!(
             r#"{{"event":"chat_message","data":{{"to":"bob","chatId":"c","message":"{}","clientMsgId":"k"}}}}"#,
@@ -310,9 +293,53 @@ mod tests {
         );
         let err = decode(&big).expect_err("too large");
         assert_eq!(
-            (err.code, err.client_msg_id.as_deref()),
+            (err.code(), err.client_msg_id()),
             (ErrorCode::TooLarge, Some("k"))
         );
+    }
+
+    #[test]
+    fn data_must_be_an_object_without_repeated_keys() {
+        for bad in [
+            r#"{"event":"chat_message","data":["bob","chat","text","id"]}"#,
+            r#"{"event":"chat_message","data":{"to":"bob","to":"mallory","chatId":"c","message":"m"}}"#,
+            r#"{"event":"join_chat","data":["me"]}"#,
+            r#"{"event":"ack","data":[["a"]]}"#,
+            r#"{"event":"ack","event":"ack","data":{"ids":[]}}"#,
+        ] {
+            assert_eq!(code_of(bad), Some(ErrorCode::BadRequest), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_decode_error_of_a_send_names_its_client_msg_id() {
+        let err = decode(r#"{"event":"chat_message","data":{"to":"bob","clientMsgId":"k9"}}"#)
+            .expect_err("missing fields");
+        assert_eq!(err.client_msg_id(), Some("k9"));
+    }
+
+    #[test]
+    fn server_frames_round_trip_in_the_documented_shape() {
+        let frame = ServerFrame::Joined(Joined {
+            user_id: "bob".into(),
+            instance: "a".into(),
+            pending: 3,
+        });
+        let text = frame.encode();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).ok(),
+            Some(
+                serde_json::json!({"event": "joined", "data": {"userId": "bob", "instance": "a", "pending": 3}})
+            )
+        );
+        assert_eq!(serde_json::from_str::<ServerFrame>(&text).ok(), Some(frame));
+        let send = ClientFrame::ChatMessage(SendMessage {
+            to: "bob".into(),
+            chat_id: "c".into(),
+            message: "m".into(),
+            client_msg_id: None,
+        });
+        assert_eq!(decode(&send.encode()), Ok(send));
     }
 
     proptest! {
@@ -326,12 +353,12 @@ mod tests {
                                                   to in ".{0,140}", chat in ".{0,140}", msg in ".{0,200}", ids in proptest::collection::vec(".{0,30}", 0..4)) {
             let v = serde_json::json!({"event": event, "data": {"to": to, "chatId": chat, "message": msg, "ids": ids}});
             match decode(&v.to_string()) {
-                Ok(ClientEvent::Chat(m)) => prop_assert!(m.validate().is_ok()),
+                Ok(ClientFrame::ChatMessage(m)) => prop_assert!(m.validate().is_ok()),
                 Ok(_) => {}
-                Err(e) => prop_assert!(!e.message.is_empty()),
+                Err(e) => prop_assert!(!e.message().is_empty()),
             }
             let only_chat = serde_json::json!({"event": "chat_message", "data": {"to": to, "chatId": chat, "message": msg}});
-            if let Ok(ClientEvent::Chat(m)) = decode(&only_chat.to_string()) {
+            if let Ok(ClientFrame::ChatMessage(m)) = decode(&only_chat.to_string()) {
                 prop_assert!(m.validate().is_ok());
             }
         }

@@ -1,9 +1,8 @@
 //! Builds the [`Router`] from [`AppState`] (apart from serving, so tests can drive it) and
-//! runs an instance: background tasks and every socket on one [`TaskTracker`], all
-//! watching one [`CancellationToken`].
+//! runs an instance: the three background tasks (tailer, redelivery sweep, cleanup) and
+//! every socket on one [`TaskTracker`], all watching one [`CancellationToken`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,36 +19,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, INSECURE_DEV_SECRET};
+use crate::cleanup::Cleanup;
 use crate::config::Config;
-use crate::delivery::{self, Delivery};
+use crate::delivery::{Delivery, Sweeper};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::state::{AppState, StreamStatus};
 use crate::store::Store;
 use crate::stream::Tailer;
-use crate::{api, cleanup, web, ws};
-
-/// Everything a request or task of this instance shares.
-pub struct AppState {
-    pub config: Config,
-    pub instance: Arc<str>,
-    pub store: Store,
-    pub auth: Auth,
-    pub presence: Arc<Presence>,
-    pub delivery: Arc<Delivery>,
-    pub metrics: Arc<Metrics>,
-    /// True while the change stream is open (`/readyz`).
-    pub stream_running: Arc<AtomicBool>,
-    /// Cancelled once, on shutdown; every task watches it.
-    pub shutdown: CancellationToken,
-    /// Background tasks and WebSocket sessions, awaited on shutdown.
-    pub tasks: TaskTracker,
-}
-
-impl AppState {
-    pub fn stream_running(&self) -> bool {
-        self.stream_running.load(Ordering::Relaxed)
-    }
-}
+use crate::{api, web, ws};
 
 /// The HTTP surface of an instance.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -87,7 +65,7 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(req).await;
     state
-        .metrics
+        .metrics()
         .http_request(&route, response.status().as_u16());
     response
 }
@@ -124,55 +102,32 @@ impl Server {
         );
         let instance: Arc<str> = config.instance_id().into();
         let store = Store::new(client.database(&config.db));
-        store
-            .ensure_indexes()
-            .await
-            .context("creating indexes on buffered_messages")?;
-        cleanup::ensure_ttl_index(&store, config.retention)
-            .await
-            .context("creating the TTL index on deliveredAt")?;
+        prepare_collection(&store, &config).await?;
 
         let tasks = TaskTracker::new();
-        let metrics = Arc::new(Metrics::new());
-        let presence = Arc::new(Presence::new());
         let delivery = Delivery::start(
-            store.clone(),
-            instance.clone(),
-            presence.clone(),
-            metrics.clone(),
+            store,
+            instance,
+            Arc::new(Presence::new()),
+            Arc::new(Metrics::new()),
             config.ack_timeout,
             &tasks,
             &shutdown,
         );
-        let stream_running = Arc::new(AtomicBool::new(false));
-        let tailer = Tailer {
-            store: store.clone(),
-            instance: instance.clone(),
-            delivery: delivery.clone(),
-            metrics: metrics.clone(),
-            running: stream_running.clone(),
-        };
-        tasks.spawn(tailer.run(shutdown.clone()));
-        tasks.spawn(delivery::sweep_loop(delivery.clone(), shutdown.clone()));
-
         let listener = TcpListener::bind(config.bind)
             .await
             .with_context(|| format!("binding {} (MSGBUF_BIND)", config.bind))?;
         let local_addr = listener.local_addr()?;
         let state = Arc::new(AppState {
             config,
-            instance,
-            store,
             auth,
-            presence,
             delivery,
-            metrics,
-            stream_running,
+            stream: StreamStatus::default(),
             shutdown,
             tasks,
         });
-        state.tasks.spawn(cleanup::run(state.clone()));
-        tracing::info!(addr = %local_addr, instance = %state.instance, "msgbuf listening");
+        spawn_background_tasks(&state);
+        tracing::info!(addr = %local_addr, instance = %state.instance(), "msgbuf listening");
         Ok(Server {
             state,
             listener,
@@ -243,7 +198,36 @@ impl Server {
                 "shutdown timeout: some tasks did not finish"
             );
         }
-        tracing::info!(instance = %state.instance, "msgbuf stopped");
+        tracing::info!(instance = %state.instance(), "msgbuf stopped");
         Ok(())
     }
+}
+
+/// Indexes and the TTL, before anything reads or writes.
+async fn prepare_collection(store: &Store, config: &Config) -> anyhow::Result<()> {
+    store
+        .ensure_indexes()
+        .await
+        .context("creating indexes on buffered_messages")?;
+    store
+        .ensure_ttl_index(config.retention)
+        .await
+        .context("creating the TTL index on deliveredAt")?;
+    Ok(())
+}
+
+/// The change-stream tailer, the redelivery sweep and the cleanup: each a value with
+/// `run(self, token)`, spawned on the tracker the shutdown waits for.
+fn spawn_background_tasks(state: &Arc<AppState>) {
+    let token = || state.shutdown.clone();
+    let tailer = Tailer {
+        delivery: state.delivery.clone(),
+        status: state.stream.clone(),
+    };
+    state.tasks.spawn(tailer.run(token()));
+    let sweeper = Sweeper {
+        delivery: state.delivery.clone(),
+    };
+    state.tasks.spawn(sweeper.run(token()));
+    state.tasks.spawn(Cleanup::new(state).run(token()));
 }

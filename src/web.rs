@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::server::AppState;
+use crate::state::AppState;
 
 fn page(body: &'static str, content_type: &'static str) -> impl IntoResponse {
     (

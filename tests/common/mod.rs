@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::{doc, Document};
 use mongodb::Client;
-use msgbuf::auth::Auth;
 use msgbuf::client::WsClient;
+use msgbuf::Auth;
 use msgbuf::{Config, Server};
 use testcontainers::core::WaitFor;
 use testcontainers::{clients::Cli, Container, GenericImage, RunnableImage};
@@ -335,7 +335,7 @@ pub fn admin_token(user: &str) -> String {
 
 /// A correctly signed token whose `exp` is an hour ago.
 pub fn expired_token(user: &str) -> String {
-    let claims = serde_json::json!({"sub": user, "exp": msgbuf::auth::unix_now() - 3600});
+    let claims = serde_json::json!({"sub": user, "exp": msgbuf::unix_now() - 3600});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -501,10 +501,7 @@ pub fn json(body: &str) -> serde_json::Value {
 
 /// The messages collection of a test database, as plain documents.
 pub async fn messages(rs: &ReplicaSet, db: &str) -> mongodb::Collection<Document> {
-    rs.client()
-        .await
-        .database(db)
-        .collection(msgbuf::store::MESSAGES)
+    rs.client().await.database(db).collection(msgbuf::MESSAGES)
 }
 
 /// An msgbuf instance as a child process of the test (so it can be killed, frozen, restarted).

@@ -22,7 +22,7 @@ async fn every_route_answers_the_documented_status_for_each_caller() {
     let eve = token("eve");
     let admin = admin_token("ops");
     let expired = expired_token("bob");
-    let wrong = msgbuf::auth::Auth::new("other-secret", None, None)
+    let wrong = msgbuf::Auth::new("other-secret", None, None)
         .mint("bob", false, Duration::from_secs(60))
         .expect("mint");
     let payload = bob.split('.').nth(1).expect("payload").to_owned();
@@ -300,7 +300,7 @@ async fn cleanup_removes_expired_delivered_messages_updates_ttl_and_holds_a_leas
     );
     assert!(
         metric(
-            &a.state.metrics.render(0, 0),
+            &a.state.metrics_text(),
             "msgbuf_cleanup_deleted_total{kind=\"delivered\"}"
         ) >= 2.0
     );
@@ -324,32 +324,27 @@ async fn cleanup_removes_expired_delivered_messages_updates_ttl_and_holds_a_leas
     rs.client()
         .await
         .database(&db)
-        .collection::<Document>(msgbuf::store::LEASES)
+        .collection::<Document>(msgbuf::LEASES)
         .delete_many(doc! {})
         .await
         .expect("reset lease");
-    let (ra, rb) = tokio::join!(
-        msgbuf::cleanup::try_sweep(&a.state),
-        msgbuf::cleanup::try_sweep(&b.state)
-    );
+    let (ra, rb) = tokio::join!(a.state.sweep_retention(), b.state.sweep_retention());
     let ran = [ra.expect("a"), rb.expect("b")]
         .iter()
-        .filter(|r| matches!(r, msgbuf::cleanup::Sweep::Ran { .. }))
+        .filter(|r| matches!(r, msgbuf::Sweep::Ran { .. }))
         .count();
     assert_eq!(ran, 1, "exactly one instance ran the sweep");
     let loser = if matches!(
-        msgbuf::cleanup::try_sweep(&a.state).await.expect("a"),
-        msgbuf::cleanup::Sweep::Ran { .. }
+        a.state.sweep_retention().await.expect("a"),
+        msgbuf::Sweep::Ran { .. }
     ) {
         &b
     } else {
         &a
     };
     assert_eq!(
-        msgbuf::cleanup::try_sweep(&loser.state)
-            .await
-            .expect("sweep"),
-        msgbuf::cleanup::Sweep::Skipped,
+        loser.state.sweep_retention().await.expect("sweep"),
+        msgbuf::Sweep::Skipped,
         "the lease is held"
     );
 }
@@ -360,8 +355,6 @@ async fn ttl_seconds(coll: &mongodb::Collection<Document>) -> Option<i64> {
         coll.list_indexes().await.ok()?.try_collect().await.ok()?;
     indexes
         .into_iter()
-        .find(|i| {
-            i.options.as_ref().and_then(|o| o.name.as_deref()) == Some(msgbuf::store::TTL_INDEX)
-        })
+        .find(|i| i.options.as_ref().and_then(|o| o.name.as_deref()) == Some(msgbuf::TTL_INDEX))
         .and_then(|i| i.options?.expire_after.map(|d| d.as_secs() as i64))
 }

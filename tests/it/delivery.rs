@@ -157,7 +157,7 @@ async fn every_socket_of_the_receiver_gets_a_live_message_and_one_claim_is_recor
 
 fn delivered_live(state: &msgbuf::AppState) -> f64 {
     metric(
-        &state.metrics.render(0, 0),
+        &state.metrics_text(),
         "msgbuf_messages_delivered_total{path=\"live\"}",
     )
 }
@@ -196,7 +196,7 @@ async fn a_restarted_instance_resumes_from_its_checkpoint_and_misses_nothing() {
         .client()
         .await
         .database(&db)
-        .collection::<Document>(msgbuf::store::CHECKPOINTS);
+        .collection::<Document>(msgbuf::CHECKPOINTS);
     wait_for("B's first checkpoint", T, || async {
         checkpoints.find_one(doc! {"_id": "B"}).await.ok().flatten()
     })
@@ -213,10 +213,7 @@ async fn a_restarted_instance_resumes_from_its_checkpoint_and_misses_nothing() {
         );
     }
     let b = Instance::start(test_config(&rs, &db, "B")).await;
-    let resumes = metric(
-        &b.state.metrics.render(0, 0),
-        "msgbuf_stream_history_lost_total",
-    );
+    let resumes = metric(&b.state.metrics_text(), "msgbuf_stream_history_lost_total");
     assert_eq!(
         resumes, 0.0,
         "resumed from the checkpoint without history loss"
@@ -274,7 +271,7 @@ async fn a_client_that_never_reads_is_disconnected_and_gets_the_rest_on_its_next
     }
     let disconnects = wait_for("the queue-full disconnect", T, || async {
         let n = metric(
-            &a.state.metrics.render(0, 0),
+            &a.state.metrics_text(),
             "msgbuf_queue_full_disconnects_total",
         );
         (n >= 1.0).then_some(n)
@@ -442,13 +439,16 @@ async fn the_drain_query_uses_an_index_and_skips_acknowledged_history() {
     };
     // The drain itself: each half streams from its index in _id order, with no sort stage,
     // and reads only what it returns: the acknowledged history is never examined.
-    let halves = msgbuf::store::Store::drain_filters("bob", Duration::from_secs(30));
+    let halves = msgbuf::Store::drain_filters("bob", Duration::from_secs(30));
     for ((half, hint), returned) in halves
         .into_iter()
-        .zip(msgbuf::store::Store::DRAIN_HINTS)
+        .zip(msgbuf::Store::DRAIN_HINTS)
         .zip([5, 0])
     {
-        let e = explain(doc! {"find": msgbuf::store::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": hint}).await;
+        let e = explain(
+            doc! {"find": msgbuf::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": hint},
+        )
+        .await;
         let plan = e
             .get_document("queryPlanner")
             .and_then(|p| p.get_document("winningPlan"))
@@ -469,8 +469,8 @@ async fn the_drain_query_uses_an_index_and_skips_acknowledged_history() {
         );
     }
     // The count on join answers the same filter without a collection scan.
-    let filter = msgbuf::store::Store::pending_filter("bob", Duration::from_secs(30));
-    let e = explain(doc! {"count": msgbuf::store::MESSAGES, "query": filter}).await;
+    let filter = msgbuf::Store::pending_filter("bob", Duration::from_secs(30));
+    let e = explain(doc! {"count": msgbuf::MESSAGES, "query": filter}).await;
     let plan = e.get_document("queryPlanner").expect("plan").to_string();
     assert!(
         plan.contains("IXSCAN") && !plan.contains("COLLSCAN"),
@@ -507,10 +507,10 @@ async fn an_ack_that_lands_before_the_claim_stays_recorded() {
     // MongoDB first; the claim must not turn the message back into "awaiting its ack".
     let rs = ReplicaSet::start(1).await;
     let db = db_name("ack_first");
-    let store = msgbuf::store::Store::new(rs.client().await.database(&db));
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
     store.ensure_indexes().await.expect("indexes");
-    let early = msgbuf::store::BufferedMessage::new("alice", "bob", "c", "acked early", None);
-    let normal = msgbuf::store::BufferedMessage::new("alice", "bob", "c", "acked later", None);
+    let early = msgbuf::BufferedMessage::new("alice", "bob", "c", "acked early", None);
+    let normal = msgbuf::BufferedMessage::new("alice", "bob", "c", "acked later", None);
     for r in store.insert_batch(&[early.clone(), normal.clone()]).await {
         r.expect("insert");
     }
@@ -542,9 +542,9 @@ async fn an_ack_that_lands_before_the_claim_stays_recorded() {
 async fn a_claim_written_with_its_ack_flips_only_unclaimed_messages_and_keeps_an_earlier_ack() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("claim_acked");
-    let store = msgbuf::store::Store::new(rs.client().await.database(&db));
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
     store.ensure_indexes().await.expect("indexes");
-    let msg = |text: &str| msgbuf::store::BufferedMessage::new("alice", "bob", "c", text, None);
+    let msg = |text: &str| msgbuf::BufferedMessage::new("alice", "bob", "c", text, None);
     let (fresh, elsewhere, acked_before) = (msg("fresh"), msg("elsewhere"), msg("acked before"));
     let all = [&fresh, &elsewhere, &acked_before].map(|m| m.clone());
     for r in store.insert_batch(&all).await {
@@ -752,7 +752,7 @@ async fn inserts_and_claims_use_majority_write_concern_and_drains_majority_reads
     let on_messages = |name: &str| -> Vec<Document> {
         commands
             .iter()
-            .filter(|c| c.get_str(name).ok() == Some(msgbuf::store::MESSAGES))
+            .filter(|c| c.get_str(name).ok() == Some(msgbuf::MESSAGES))
             .cloned()
             .collect()
     };

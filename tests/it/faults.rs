@@ -197,7 +197,7 @@ async fn sigterm_during_traffic_exits_zero_within_ten_seconds_and_saves_the_toke
         .client()
         .await
         .database(&db)
-        .collection::<Document>(msgbuf::store::CHECKPOINTS);
+        .collection::<Document>(msgbuf::CHECKPOINTS);
     let traffic = Traffic::start(
         "sigterm",
         vec![a.ws_url(), b.ws_url()],
@@ -260,7 +260,7 @@ async fn a_resume_token_older_than_the_oplog_is_detected_rescanned_and_loses_not
     let client = rs.client().await;
     let checkpoints = client
         .database(&db)
-        .collection::<Document>(msgbuf::store::CHECKPOINTS);
+        .collection::<Document>(msgbuf::CHECKPOINTS);
     wait_for("A's checkpoint", T, || async {
         checkpoints.find_one(doc! {"_id": "A"}).await.ok().flatten()
     })
@@ -366,7 +366,7 @@ async fn killed_cursors_and_failed_get_mores_resume_and_push_every_insert() {
         let mut cursor = admin
             .aggregate(vec![
                 doc! {"$currentOp": {"allUsers": true, "idleCursors": true}},
-                doc! {"$match": {"ns": format!("{db}.{}", msgbuf::store::MESSAGES), "cursor.originatingCommand.pipeline.0.$changeStream": {"$exists": true}}},
+                doc! {"$match": {"ns": format!("{db}.{}", msgbuf::MESSAGES), "cursor.originatingCommand.pipeline.0.$changeStream": {"$exists": true}}},
             ])
             .await
             .expect("currentOp");
@@ -379,7 +379,7 @@ async fn killed_cursors_and_failed_get_mores_resume_and_push_every_insert() {
             {
                 client
                     .database(&db)
-                    .run_command(doc! {"killCursors": msgbuf::store::MESSAGES, "cursors": [id]})
+                    .run_command(doc! {"killCursors": msgbuf::MESSAGES, "cursors": [id]})
                     .await
                     .expect("killCursors");
                 killed += 1;
@@ -427,7 +427,7 @@ async fn an_idle_stream_keeps_its_checkpoint_advancing_and_resumes_after_restart
     let client = rs.client().await;
     let checkpoints = client
         .database(&db)
-        .collection::<Document>(msgbuf::store::CHECKPOINTS);
+        .collection::<Document>(msgbuf::CHECKPOINTS);
     let first = wait_for("A's checkpoint", T, || async {
         checkpoints.find_one(doc! {"_id": "A"}).await.ok().flatten()
     })

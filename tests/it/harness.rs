@@ -105,7 +105,7 @@ async fn embedded_default_runs_stops_cleanly_and_keeps_its_data() {
             .expect("msgbuf serve");
         (child, format!("http://127.0.0.1:{port}"))
     };
-    let dev = msgbuf::auth::Auth::new(msgbuf::auth::INSECURE_DEV_SECRET, None, None);
+    let dev = msgbuf::Auth::new(msgbuf::INSECURE_DEV_SECRET, None, None);
     let alice = dev
         .mint("alice", false, Duration::from_secs(600))
         .expect("token");

@@ -161,7 +161,7 @@ async fn bad_tokens_get_401_and_no_upgrade_and_slow_handshakes_time_out() {
     let a = Instance::start(config).await;
     let good = token("bob");
     let payload = good.split('.').nth(1).expect("payload");
-    let wrong = msgbuf::auth::Auth::new("nope", None, None)
+    let wrong = msgbuf::Auth::new("nope", None, None)
         .mint("bob", false, Duration::from_secs(60))
         .expect("mint");
     for bad in [
@@ -252,7 +252,7 @@ async fn serve_refuses_to_start_without_a_secret_and_token_mints_valid_tokens() 
     let minted = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     let claims = auth().verify(&minted).expect("valid token");
     assert_eq!((claims.sub.as_str(), claims.is_admin()), ("carol", true));
-    assert!(claims.exp <= msgbuf::auth::unix_now() + 3600);
+    assert!(claims.exp <= msgbuf::unix_now() + 3600);
 }
 
 #[tokio::test]

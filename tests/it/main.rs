@@ -8,3 +8,4 @@ mod delivery;
 mod faults;
 mod harness;
 mod hostile;
+mod session;

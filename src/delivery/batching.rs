@@ -1,0 +1,272 @@
+//! The batching loops behind [`super::Delivery`]: insert shards and the claim/ack record
+//! loop. Each finishes what was queued before shutdown, then stops.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::oid::ObjectId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::records::{plan_claims, remaining_acks, AckJob, Claim, ClaimGroup};
+use crate::metrics::Metrics;
+use crate::protocol::Accepted;
+use crate::store::{BufferedMessage, Store, StoreError};
+
+const MAX_INSERT_BATCH: usize = 256;
+/// Claims and acks recorded by one round of writes, at most.
+const MAX_RECORD_BATCH: usize = 1000;
+/// Claims and acks are bookkeeping (the push already happened, an ack only gates the
+/// sender's receipt): waiting a little turns ~one majority write per message into one per
+/// batch, and gives a client that acks at once the time to get its ack in before the claim
+/// is written, so that both go in one write.
+const RECORD_LINGER: Duration = Duration::from_millis(15);
+
+pub struct InsertJob {
+    pub msg: BufferedMessage,
+    pub reply: oneshot::Sender<Result<Accepted, StoreError>>,
+}
+
+/// What the record loop writes.
+pub enum Record {
+    Claim(Claim),
+    Ack(AckJob),
+}
+
+pub fn spawn_insert_shard(
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> mpsc::Sender<InsertJob> {
+    let (tx, rx) = mpsc::channel(4 * MAX_INSERT_BATCH);
+    tracker.spawn(insert_loop(
+        store.clone(),
+        metrics.clone(),
+        rx,
+        cancel.clone(),
+    ));
+    tx
+}
+
+pub fn spawn_record_loop(
+    store: &Store,
+    instance: &Arc<str>,
+    metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> mpsc::Sender<Record> {
+    let (tx, rx) = mpsc::channel(16 * MAX_RECORD_BATCH);
+    let recorder = Recorder {
+        store: store.clone(),
+        instance: instance.clone(),
+        metrics: metrics.clone(),
+        cancel: cancel.clone(),
+    };
+    tracker.spawn(recorder.run(rx));
+    tx
+}
+
+/// One shard: one ordered `insertMany` at a time, of everything queued meanwhile.
+async fn insert_loop(
+    store: Store,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<InsertJob>,
+    cancel: CancellationToken,
+) {
+    let mut closed = false;
+    let mut jobs = Vec::with_capacity(MAX_INSERT_BATCH);
+    while let Some(job) = next_job(&mut rx, &cancel, &mut closed).await {
+        jobs.push(job);
+        take_queued(&mut rx, &mut jobs, MAX_INSERT_BATCH);
+        let (docs, replies): (Vec<_>, Vec<_>) =
+            jobs.drain(..).map(|job| (job.msg, job.reply)).unzip();
+        let started = Instant::now();
+        let results = store.insert_batch(&docs).await;
+        metrics
+            .insert_latency
+            .record(started.elapsed().as_secs_f64());
+        for (reply, result) in replies.into_iter().zip(results) {
+            // A dropped receiver is a client that went away; the message is stored anyway.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Writes claims and acks in batches.
+struct Recorder {
+    store: Store,
+    instance: Arc<str>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+impl Recorder {
+    async fn run(self, mut rx: mpsc::Receiver<Record>) {
+        let mut closed = false;
+        let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+        while let Some(first) = next_job(&mut rx, &self.cancel, &mut closed).await {
+            batch.push(first);
+            linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
+            let (claims, acks) = split(batch.drain(..));
+            let ack_ids: Vec<(&str, &[ObjectId])> = acks
+                .iter()
+                .map(|job| (job.user.as_str(), job.ids.as_slice()))
+                .collect();
+            let mut done = HashSet::new();
+            for group in plan_claims(&claims, &ack_ids) {
+                done.extend(self.write_claims(group).await);
+            }
+            let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
+            for job in acks {
+                let _ = job
+                    .reply
+                    .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));
+            }
+        }
+    }
+
+    /// Writes one path's claims; returns the ids whose ack went in with their claim.
+    async fn write_claims(&self, group: ClaimGroup) -> Vec<ObjectId> {
+        let ClaimGroup {
+            path,
+            with_ack,
+            mut alone,
+        } = group;
+        let n = (with_ack.len() + alone.len()) as u64;
+        let mut won = 0;
+        let mut done = Vec::new();
+        if !with_ack.is_empty() {
+            match self.store.claim_acked(&with_ack, &self.instance).await {
+                Ok(flipped) => {
+                    won += flipped;
+                    self.metrics.acks.increment(flipped);
+                    self.metrics.claims_with_ack.increment(flipped);
+                    if flipped == with_ack.len() as u64 {
+                        done = with_ack;
+                    } else {
+                        // Some were claimed elsewhere first: the plain writes below are
+                        // conditional, so each still flips at most once.
+                        alone.extend(with_ack);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, n = with_ack.len(), "claim with ack failed; writing them apart");
+                    alone.extend(with_ack);
+                }
+            }
+        }
+        if !alone.is_empty() {
+            won += self.claim_until_written(&alone).await;
+        }
+        self.metrics.delivered(path, won);
+        self.metrics.claims_lost.increment(n - won.min(n));
+        done
+    }
+
+    async fn write_acks(&self, acks: Vec<(String, Vec<ObjectId>)>) -> Result<u64, StoreError> {
+        if acks.is_empty() {
+            return Ok(0);
+        }
+        let result = self.store.ack(&acks).await;
+        match &result {
+            Ok(n) => self.metrics.acks.increment(*n),
+            Err(e) => tracing::warn!(error = %e, n = acks.len(), "acks not recorded"),
+        }
+        result
+    }
+
+    /// Claims `ids`, retrying with backoff until the write goes through or shutdown;
+    /// returns how many this instance flipped.
+    async fn claim_until_written(&self, ids: &[ObjectId]) -> u64 {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.store.claim(ids, &self.instance).await {
+                Ok(won) => return won,
+                // Unclaimed messages stay `delivered: false` and are drained again on the
+                // next join, so giving up at shutdown loses nothing.
+                Err(e) if self.cancel.is_cancelled() => {
+                    tracing::warn!(error = %e, n = ids.len(), "claims not recorded at shutdown");
+                    return 0;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, n = ids.len(), "claim failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>) {
+    let mut claims = Vec::new();
+    let mut acks = Vec::new();
+    for record in records {
+        match record {
+            Record::Claim(claim) => claims.push(claim),
+            Record::Ack(job) => acks.push(job),
+        }
+    }
+    (claims, acks)
+}
+
+/// The next job of a batching loop. On shutdown the queue stops taking work but what it
+/// already holds is still returned; `None` once it is closed and empty.
+async fn next_job<T>(
+    rx: &mut mpsc::Receiver<T>,
+    cancel: &CancellationToken,
+    closed: &mut bool,
+) -> Option<T> {
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if !*closed => {
+                rx.close();
+                *closed = true;
+            }
+            job = rx.recv() => return job,
+        }
+    }
+}
+
+/// Adds jobs to `batch`, up to `max` in all, for at most `wait` (not at all once the
+/// queue is closed: shutdown finishes what is queued without delay).
+async fn linger<T>(
+    rx: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    wait: Duration,
+    closed: bool,
+) {
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) if closed => break,
+            Err(_) => tokio::select! {
+                _ = &mut deadline => break,
+                job = rx.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+            },
+        }
+    }
+}
+
+/// Adds jobs that are already queued to `batch`, up to `max` in all (never waits).
+fn take_queued<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+}

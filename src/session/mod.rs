@@ -1,0 +1,475 @@
+//! The session core: what a connected, authenticated user does, whatever the transport —
+//! join (register, count pending, drain oldest first, merge live pushes queued meanwhile),
+//! send (accept with idempotency and the rate limit), ack, receipts, and the per-socket
+//! duplicate filter.
+//!
+//! A transport (protocol v1 on `/ws`: [`crate::ws`]) turns its frames into [`Inbound`]
+//! items and gives the session a sink of encoded frames; it holds no delivery rule.
+//!
+//! The session never stops reading while it writes: reads, replies, the drain and live
+//! pushes are raced in one loop, and frames go out through a bounded [`outbox::Outbox`]
+//! written concurrently. A client that acks every message as it reads, with a blocking
+//! send, therefore cannot wedge a drain (both TCP buffers full, nobody reading).
+//!
+//! Per-socket rules: frames are written in queue order; an id already written on this
+//! socket is not written again (a live push racing a drain); during a drain, live pushes
+//! are held and merged in by id, so one sender's messages keep their order; sends are
+//! pipelined (bounded) and answered in order.
+
+mod drain;
+mod outbox;
+mod recent;
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use futures::stream::FuturesOrdered;
+use futures::{Future, FutureExt, Sink, Stream, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use mongodb::bson::oid::ObjectId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::error::Error;
+use crate::metrics::DeliveryPath;
+use crate::presence::{ConnectionGuard, Outbound};
+use crate::protocol::{AckIds, ClientFrame, JoinChat, Joined, SendMessage, ServerFrame};
+use crate::state::AppState;
+use crate::store::{overdue_cutoff, BufferedMessage, StoreError};
+use drain::{pop_before, Drain, DRAIN_PAGE};
+use outbox::Outbox;
+use recent::RecentIds;
+
+/// Sends in flight per socket before the session stops reading (backpressure).
+const MAX_INFLIGHT: usize = 64;
+/// Acked ids waiting for the session's ack write in flight before the session stops
+/// reading. Acks merge while one write is out: a client acking each message costs one
+/// write per batch, not one round trip per frame.
+const MAX_QUEUED_ACKS: usize = 4 * crate::protocol::MAX_ACK_IDS;
+/// Queued frames moved to the outbox in one step, so one busy source does not hold up
+/// the others for long.
+const STEP: usize = 128;
+
+/// What a transport hands the session.
+pub enum Inbound {
+    /// A decoded client frame, or why the frame could not be decoded.
+    Frame(Result<ClientFrame, Error>),
+    /// The transport ends the session.
+    End(End),
+}
+
+/// Why a session ended; the transport says it in its own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The server is shutting down (v1: close 1001).
+    Shutdown,
+    /// The client stopped reading; its messages wait in MongoDB (v1: close 4001).
+    QueueFull,
+    /// A transport-level violation, with the transport's close code and reason.
+    Close(u16, &'static str),
+    /// The peer closed, or the connection broke.
+    Gone,
+}
+
+type Reply = Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>;
+type AckWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// One connected, authenticated client.
+pub struct Session {
+    state: Arc<AppState>,
+    claims: Claims,
+    /// Counts the connection against the per-user limit; joins at most one session.
+    guard: ConnectionGuard,
+    /// Live frames for this socket, once joined.
+    queue: Option<mpsc::Receiver<Outbound>>,
+    /// Cancelled by a push that found the queue full.
+    overflow: CancellationToken,
+    sent: RecentIds,
+    /// Answers to sends, in the order the frames came.
+    inflight: FuturesOrdered<Reply>,
+    /// Acked ids not yet handed to delivery, and the write of the previous ones.
+    acks: Vec<ObjectId>,
+    ack_write: Option<AckWrite>,
+    limiter: DefaultDirectRateLimiter,
+    outbox: Outbox,
+    drain: Option<Drain>,
+}
+
+enum Step {
+    Continue,
+    End(End),
+}
+
+impl Session {
+    pub fn new(state: Arc<AppState>, claims: Claims, guard: ConnectionGuard) -> Self {
+        let rate = NonZeroU32::new(state.config.rate_limit.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(state.config.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        Session {
+            limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            state,
+            claims,
+            guard,
+            queue: None,
+            overflow: CancellationToken::new(),
+            sent: RecentIds::default(),
+            inflight: FuturesOrdered::new(),
+            acks: Vec::new(),
+            ack_write: None,
+            outbox: Outbox::default(),
+            drain: None,
+        }
+    }
+
+    /// Runs the session until it ends; the transport then closes in its own way.
+    pub async fn run<I, O>(mut self, inbound: &mut I, sink: &mut O) -> End
+    where
+        I: Stream<Item = Inbound> + Unpin,
+        O: Sink<Utf8Bytes> + Unpin,
+    {
+        let shutdown = self.state.shutdown.clone();
+        let overflow = self.overflow.clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Step::End(End::Shutdown),
+                _ = overflow.cancelled() => Step::End(self.queue_full()),
+                written = self.outbox.pump(sink), if self.outbox.has_work() => match written {
+                    Ok(()) => Step::Continue,
+                    Err(()) => Step::End(End::Gone),
+                },
+                // Replies are not held back by a full outbox: they are bounded by
+                // MAX_INFLIGHT, and holding them would stop the reads below.
+                Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if let Some(frame) = reply {
+                        self.outbox.push(frame);
+                    }
+                    Step::Continue
+                }
+                written = poll_ack_write(&mut self.ack_write), if self.ack_write.is_some() => {
+                    self.ack_written(written);
+                    Step::Continue
+                }
+                input = inbound.next(), if self.inflight.len() < MAX_INFLIGHT && self.acks.len() < MAX_QUEUED_ACKS => match input {
+                    // Boxed: the join's state would otherwise sit in every idle socket's task.
+                    Some(Inbound::Frame(frame)) => Box::pin(self.on_frame(frame)).await,
+                    Some(Inbound::End(end)) => Step::End(end),
+                    None => Step::End(End::Gone),
+                },
+                next = next_drained(&mut self.drain), if self.drain.is_some() && self.outbox.has_room() => {
+                    Box::pin(self.on_drained(next)).await
+                }
+                Some(item) = recv_queue(&mut self.queue), if self.drain.is_none() && self.outbox.has_room() => {
+                    self.on_live(item);
+                    Step::Continue
+                }
+            };
+            if let Step::End(end) = step {
+                // A drain cut short records nothing more: what it wrote but did not claim
+                // stays undelivered for the next join. Sends still in flight complete in the insert shards (the messages are
+                // stored); only their acknowledgements are lost with the socket, and
+                // clients retry by clientMsgId.
+                return end;
+            }
+        }
+    }
+
+    fn queue_full(&self) -> End {
+        self.state.metrics().queue_full_disconnects.increment(1);
+        End::QueueFull
+    }
+
+    async fn on_frame(&mut self, frame: Result<ClientFrame, Error>) -> Step {
+        match frame {
+            Ok(ClientFrame::JoinChat(join)) => self.join(join).await,
+            Ok(ClientFrame::ChatMessage(msg)) => {
+                self.send(msg);
+                Step::Continue
+            }
+            Ok(ClientFrame::Ack(ack)) => {
+                self.ack(ack);
+                Step::Continue
+            }
+            Err(e) => {
+                self.refuse(e);
+                Step::Continue
+            }
+        }
+    }
+
+    /// Answers a frame the session cannot act on with an `error` event.
+    fn refuse(&mut self, e: Error) {
+        self.state.metrics().protocol_errors.increment(1);
+        self.reply_error(e);
+    }
+
+    fn reply_error(&mut self, e: Error) {
+        e.report();
+        self.outbox
+            .push(ServerFrame::Error(e.to_wire()).encode().into());
+    }
+
+    fn send(&mut self, m: SendMessage) {
+        if self.limiter.check().is_err() {
+            self.state.metrics().rate_limited.increment(1);
+            let e = Error::rate_limited("too many messages; slow down and retry")
+                .with_client_msg_id(m.client_msg_id);
+            return self.reply_error(e);
+        }
+        let msg = BufferedMessage::new(
+            &self.claims.sub,
+            &m.to,
+            &m.chat_id,
+            &m.message,
+            m.client_msg_id,
+        );
+        let state = self.state.clone();
+        self.inflight.push_back(Box::pin(async move {
+            let client_msg_id = msg.client_msg_id.clone();
+            let frame = match state.delivery.accept(msg).await {
+                Ok(accepted) => {
+                    state.metrics().accepted_ws.increment(1);
+                    ServerFrame::MessageAccepted(accepted)
+                }
+                Err(e) => error_frame(Error::from(e).with_client_msg_id(client_msg_id)),
+            };
+            Some(frame.encode().into())
+        }));
+    }
+
+    fn ack(&mut self, ack: AckIds) {
+        let parsed: Result<Vec<ObjectId>, _> = ack.ids.iter().map(ObjectId::parse_str).collect();
+        let Ok(ids) = parsed else {
+            return self.refuse(Error::bad_request("`ids` must be 24-hex message ids"));
+        };
+        self.acks.extend(ids);
+        self.write_acks();
+    }
+
+    /// Hands the queued acks to delivery unless a write of earlier ones is still out.
+    fn write_acks(&mut self) {
+        if self.ack_write.is_some() || self.acks.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.acks);
+        let state = self.state.clone();
+        let user = self.claims.sub.clone();
+        self.ack_write = Some(Box::pin(async move { state.delivery.ack(user, ids).await }));
+    }
+
+    fn ack_written(&mut self, written: Result<(), StoreError>) {
+        self.ack_write = None;
+        if let Err(e) = written {
+            self.reply_error(Error::from(e));
+        }
+        self.write_acks();
+    }
+
+    /// Registers the session, answers `joined`, then starts draining pending messages
+    /// oldest first. Registration comes first, so a message inserted during the drain is
+    /// either in the drain or queued live (and then skipped if it was both).
+    async fn join(&mut self, join: JoinChat) -> Step {
+        if join
+            .user_id
+            .as_deref()
+            .is_some_and(|u| u != self.claims.sub)
+        {
+            self.refuse(Error::forbidden("`userId` must be the token's user"));
+            return Step::Continue;
+        }
+        let capacity = self.state.config.queue_capacity;
+        if let Some(queue) = self.guard.join(capacity, self.overflow.clone()) {
+            self.queue = Some(queue);
+        }
+        // A join during a drain starts over; what was written stays filtered by id.
+        let held = match self.drain.take() {
+            Some(mut drain) => {
+                self.record_drained(&mut drain).await;
+                drain.held
+            }
+            None => VecDeque::new(),
+        };
+        let ack_timeout = self.state.config.ack_timeout;
+        let (pending, cursor) = match self
+            .state
+            .store()
+            .open_pending(&self.claims.sub, ack_timeout)
+            .await
+        {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.reply_error(Error::from(e));
+                return Step::Continue;
+            }
+        };
+        let joined = ServerFrame::Joined(Joined {
+            user_id: self.claims.sub.clone(),
+            instance: self.state.instance().to_owned(),
+            pending,
+        });
+        self.outbox.push(joined.encode().into());
+        self.guard.set_draining(true);
+        self.drain = Some(Drain::new(cursor, overdue_cutoff(ack_timeout), held));
+        Step::Continue
+    }
+
+    /// Writes the drained message `first` and whatever else the cursor has ready, merged
+    /// with the live pushes that arrived meanwhile.
+    async fn on_drained(&mut self, first: Option<Result<BufferedMessage, StoreError>>) -> Step {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(item) = next.take() {
+            match item {
+                Some(Ok(msg)) => {
+                    if let Step::End(end) = self.write_drained(msg).await {
+                        return Step::End(end);
+                    }
+                }
+                Some(Err(e)) => {
+                    // What was not drained stays pending; the sweep or the next join
+                    // picks it up.
+                    self.end_drain().await;
+                    self.reply_error(Error::from(e));
+                    return Step::Continue;
+                }
+                None => {
+                    self.end_drain().await;
+                    return Step::Continue;
+                }
+            }
+            n += 1;
+            if n < STEP && self.outbox.has_room() {
+                // Only what is ready now: a getMore waits in the select, beside the reads.
+                next = match self.drain.as_mut() {
+                    Some(drain) => drain.cursor.next().now_or_never(),
+                    None => None,
+                };
+            }
+        }
+        Step::Continue
+    }
+
+    async fn write_drained(&mut self, msg: BufferedMessage) -> Step {
+        if !self.hold_queued() {
+            return Step::End(self.queue_full());
+        }
+        let Some(drain) = self.drain.as_mut() else {
+            return Step::Continue;
+        };
+        while let Some(item) = pop_before(&mut drain.held, msg.id) {
+            write_filtered(&mut self.outbox, &mut self.sent, item);
+        }
+        if self.sent.insert(msg.id) {
+            let overdue = msg.is_overdue(drain.cutoff);
+            let frame = ServerFrame::ChatMessage(msg.to_wire(overdue));
+            self.outbox.push(frame.encode().into());
+            if overdue {
+                drain.resent.push(msg.id);
+            } else if !msg.delivered {
+                drain.claim.push(msg.id);
+            }
+            drain.since_record += 1;
+        }
+        if drain.since_record >= DRAIN_PAGE {
+            if let Some(mut drain) = self.drain.take() {
+                self.record_drained(&mut drain).await;
+                self.drain = Some(drain);
+            }
+        }
+        Step::Continue
+    }
+
+    /// Moves what the live queue holds into the drain's held frames; false once more than
+    /// a queue's worth is held (a drain does not lift the memory limit).
+    fn hold_queued(&mut self) -> bool {
+        let (Some(queue), Some(drain)) = (self.queue.as_mut(), self.drain.as_mut()) else {
+            return true;
+        };
+        while let Ok(item) = queue.try_recv() {
+            drain.held.push_back(item);
+        }
+        drain.held.len() <= self.state.config.queue_capacity
+    }
+
+    /// Ends the drain in progress, if any: held live frames go out, deliveries are recorded.
+    async fn end_drain(&mut self) {
+        if self.drain.is_none() {
+            return;
+        }
+        self.hold_queued();
+        let Some(mut drain) = self.drain.take() else {
+            return;
+        };
+        for item in std::mem::take(&mut drain.held) {
+            write_filtered(&mut self.outbox, &mut self.sent, item);
+        }
+        self.guard.set_draining(false);
+        self.record_drained(&mut drain).await;
+    }
+
+    async fn record_drained(&mut self, drain: &mut Drain) {
+        drain.since_record = 0;
+        let delivery = &self.state.delivery;
+        delivery
+            .claim_later(&self.claims.sub, &drain.claim, DeliveryPath::Drain)
+            .await;
+        drain.claim.clear();
+        delivery.record_redelivered(std::mem::take(&mut drain.resent), &self.state.tasks);
+    }
+
+    /// Live frames, up to a step's worth, into the outbox.
+    fn on_live(&mut self, first: Outbound) {
+        write_filtered(&mut self.outbox, &mut self.sent, first);
+        for _ in 1..STEP {
+            if !self.outbox.has_room() {
+                break;
+            }
+            match self.queue.as_mut().map(|q| q.try_recv()) {
+                Some(Ok(item)) => write_filtered(&mut self.outbox, &mut self.sent, item),
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Queues one live frame unless it is a chat message whose id was already written.
+fn write_filtered(outbox: &mut Outbox, sent: &mut RecentIds, item: Outbound) {
+    match item {
+        Outbound::Chat { id, frame } => {
+            if sent.insert(id) {
+                outbox.push(frame);
+            }
+        }
+        Outbound::Frame(frame) => outbox.push(frame),
+    }
+}
+
+/// The `error` frame of a failed send or ack, logged where it is produced.
+fn error_frame(e: Error) -> ServerFrame {
+    e.report();
+    ServerFrame::Error(e.to_wire())
+}
+
+async fn next_drained(drain: &mut Option<Drain>) -> Option<Result<BufferedMessage, StoreError>> {
+    match drain {
+        Some(d) => d.cursor.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_ack_write(write: &mut Option<AckWrite>) -> Result<(), StoreError> {
+    match write {
+        Some(w) => w.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_queue(queue: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+    match queue {
+        Some(q) => q.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,75 @@
+//! What every request and socket of an instance shares. Below every module that uses it
+//! (the server builds it; the routes, sockets and background tasks read it).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::cleanup::{Cleanup, Sweep};
+use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::store::Store;
+
+/// Shared by the routes and the sessions. The store, the presence map and the metrics
+/// are the delivery's (one of each per instance); reach them through it.
+pub struct AppState {
+    pub(crate) config: Config,
+    pub(crate) auth: Auth,
+    pub(crate) delivery: Arc<Delivery>,
+    /// Whether the change stream is open: the tailer sets it, `/readyz` reads it.
+    pub(crate) stream: StreamStatus,
+    /// Cancelled once, on shutdown; every task watches it.
+    pub(crate) shutdown: CancellationToken,
+    /// Background tasks and sockets, awaited on shutdown.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl AppState {
+    /// This instance's metrics in the Prometheus text format (`/metrics`).
+    pub fn metrics_text(&self) -> String {
+        let presence = self.presence();
+        self.metrics()
+            .render(presence.connections(), presence.online_users())
+    }
+
+    /// One attempt of the retention sweep, as the cleanup loop makes it.
+    pub async fn sweep_retention(&self) -> Result<Sweep, Error> {
+        Ok(Cleanup::new(self).try_sweep().await?)
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        self.delivery.store()
+    }
+
+    pub(crate) fn presence(&self) -> &Arc<Presence> {
+        self.delivery.presence()
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        self.delivery.metrics()
+    }
+
+    pub(crate) fn instance(&self) -> &str {
+        self.delivery.instance()
+    }
+}
+
+/// A flag the tailer raises while its stream is open.
+#[derive(Clone, Default)]
+pub struct StreamStatus(Arc<AtomicBool>);
+
+impl StreamStatus {
+    pub fn set(&self, running: bool) {
+        self.0.store(running, Ordering::Relaxed);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
