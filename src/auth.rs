@@ -130,6 +130,12 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+impl From<AuthError> for crate::error::Error {
+    fn from(e: AuthError) -> Self {
+        crate::error::Error::new(crate::error::ErrorCode::Unauthorized, e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

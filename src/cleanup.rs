@@ -14,8 +14,8 @@ use mongodb::bson::DateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Delivery;
+use crate::error::Error;
 use crate::state::AppState;
-use crate::store::StoreError;
 
 /// Outcome of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,7 @@ pub struct Cleanup {
 }
 
 impl Cleanup {
+    /// The cleanup of the instance whose state this is.
     pub fn new(state: &AppState) -> Self {
         let config = &state.config;
         Cleanup {
@@ -67,7 +68,7 @@ impl Cleanup {
     }
 
     /// Tries to take the lease and sweep once.
-    pub async fn try_sweep(&self) -> Result<Sweep, StoreError> {
+    pub async fn try_sweep(&self) -> Result<Sweep, Error> {
         let store = self.delivery.store();
         let lease = (self.interval / 2).max(Duration::from_secs(1));
         if !store

@@ -1,7 +1,8 @@
 //! The error policy, written once.
 //!
 //! Modules return their own `thiserror` enums ([`crate::store::StoreError`],
-//! [`crate::auth::AuthError`]). At the edge they become one [`Error`]: a stable [`ErrorCode`]
+//! [`crate::auth::AuthError`]); each says next to itself how it becomes the one edge
+//! [`Error`] (`From`), so this module depends on none of them. An [`Error`] is: a stable [`ErrorCode`]
 //! (the protocol's), an HTTP status, a message fit for a client and, kept apart from it, the
 //! cause. The same value answers an HTTP request ([`IntoResponse`]) and a socket (an `error`
 //! frame built from [`Error::to_wire`]). It is logged once, where the answer is produced
@@ -15,9 +16,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-
-use crate::auth::AuthError;
-use crate::store::StoreError;
 
 /// The `code` of an `error` frame and of a REST error body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,7 +104,7 @@ impl Error {
         self
     }
 
-    fn with_cause(mut self, cause: impl Into<Cause>) -> Self {
+    pub(crate) fn with_cause(mut self, cause: impl Into<Cause>) -> Self {
         self.cause = Some(cause.into());
         self
     }
@@ -200,37 +198,16 @@ impl IntoResponse for Error {
     }
 }
 
-impl From<AuthError> for Error {
-    fn from(e: AuthError) -> Self {
-        Error::new(ErrorCode::Unauthorized, e.to_string())
-    }
-}
-
-impl From<StoreError> for Error {
-    fn from(e: StoreError) -> Self {
-        if e.is_unavailable() {
-            Error::new(
-                ErrorCode::Unavailable,
-                "the message store is unavailable, retry later",
-            )
-            .with_cause(e)
-        } else {
-            Error::internal(e)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_store_failure_keeps_its_cause_but_not_in_the_message() {
-        let e = Error::from(StoreError::ShuttingDown);
-        assert_eq!(e.code(), ErrorCode::Unavailable);
-        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    fn an_internal_error_keeps_its_cause_out_of_the_message() {
+        let e = Error::internal("connection to 10.0.0.7:27017 refused");
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(std::error::Error::source(&e).is_some());
-        assert!(!e.message().contains("shutting"));
+        assert_eq!(e.message(), "internal error");
     }
 
     #[test]

@@ -29,7 +29,7 @@ mod web;
 mod ws;
 
 pub use auth::{unix_now, Auth, Claims, INSECURE_DEV_SECRET};
-pub use cleanup::Sweep;
+pub use cleanup::{Cleanup, Sweep};
 pub use config::{parse_duration, Config};
 pub use error::{Error, ErrorCode, WireError};
 pub use server::{app, Server};

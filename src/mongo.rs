@@ -176,6 +176,7 @@ impl EmbeddedMongod {
         .kill_on_drop(true);
         // If msgbuf dies without shutting down, the kernel stops mongod too: no orphan.
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);

@@ -8,10 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
-use crate::cleanup::{Cleanup, Sweep};
 use crate::config::Config;
 use crate::delivery::Delivery;
-use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::store::Store;
@@ -36,11 +34,6 @@ impl AppState {
         let presence = self.presence();
         self.metrics()
             .render(presence.connections(), presence.online_users())
-    }
-
-    /// One attempt of the retention sweep, as the cleanup loop makes it.
-    pub async fn sweep_retention(&self) -> Result<Sweep, Error> {
-        Ok(Cleanup::new(self).try_sweep().await?)
     }
 
     pub(crate) fn store(&self) -> &Store {

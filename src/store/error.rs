@@ -2,6 +2,8 @@
 
 use mongodb::error::{ErrorKind, WriteFailure};
 
+use crate::error::{Error, ErrorCode};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("mongodb: {0}")]
@@ -27,6 +29,22 @@ impl StoreError {
         match self {
             StoreError::Mongo(e) => StoreError::Mongo(e.clone()),
             _ => StoreError::ShuttingDown,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    /// Retryable failures tell the client to retry; anything else is internal. The
+    /// driver's text stays in the cause (logged), never in the answer.
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            Error::new(
+                ErrorCode::Unavailable,
+                "the message store is unavailable, retry later",
+            )
+            .with_cause(e)
+        } else {
+            Error::internal(e)
         }
     }
 }
@@ -96,5 +114,19 @@ pub(crate) fn duplicate_key_message(e: &mongodb::error::Error) -> Option<&str> {
             .filter(|w| w.code == code::DUPLICATE_KEY)
             .map(|w| w.message.as_str()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_failure_keeps_its_cause_but_not_in_the_message() {
+        let e = Error::from(StoreError::ShuttingDown);
+        assert_eq!(e.code(), ErrorCode::Unavailable);
+        assert_eq!(e.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(!e.message().contains("shutting"));
     }
 }

@@ -328,14 +328,18 @@ async fn cleanup_removes_expired_delivered_messages_updates_ttl_and_holds_a_leas
         .delete_many(doc! {})
         .await
         .expect("reset lease");
-    let (ra, rb) = tokio::join!(a.state.sweep_retention(), b.state.sweep_retention());
+    let (cleanup_a, cleanup_b) = (
+        msgbuf::Cleanup::new(&a.state),
+        msgbuf::Cleanup::new(&b.state),
+    );
+    let (ra, rb) = tokio::join!(cleanup_a.try_sweep(), cleanup_b.try_sweep());
     let ran = [ra.expect("a"), rb.expect("b")]
         .iter()
         .filter(|r| matches!(r, msgbuf::Sweep::Ran { .. }))
         .count();
     assert_eq!(ran, 1, "exactly one instance ran the sweep");
     let loser = if matches!(
-        a.state.sweep_retention().await.expect("a"),
+        msgbuf::Cleanup::new(&a.state).try_sweep().await.expect("a"),
         msgbuf::Sweep::Ran { .. }
     ) {
         &b
@@ -343,7 +347,10 @@ async fn cleanup_removes_expired_delivered_messages_updates_ttl_and_holds_a_leas
         &a
     };
     assert_eq!(
-        loser.state.sweep_retention().await.expect("sweep"),
+        msgbuf::Cleanup::new(&loser.state)
+            .try_sweep()
+            .await
+            .expect("sweep"),
         msgbuf::Sweep::Skipped,
         "the lease is held"
     );

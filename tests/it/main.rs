@@ -1,4 +1,6 @@
 //! Integration tests against real MongoDB replica sets (see tests/common for the harness).
+// The fault tests signal the processes they started (libc::kill).
+#![allow(unsafe_code)]
 
 #[path = "../common/mod.rs"]
 mod common;
