@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::{bearer_token, is_valid_user_id, AuthError, Claims};
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::protocol::{rfc3339, SendMessage};
 use crate::state::AppState;
 use crate::store::{BufferedMessage, Receivers};
@@ -31,15 +32,50 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
     }
 }
 
-/// `Json` whose rejection is the protocol's error body.
+/// A JSON object body, refused with the protocol's error body: 413 `too_large` over the
+/// body limit, 400 for anything but one JSON object (an array is never read by position,
+/// a repeated key is an error).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(Error::bad_request(
+                "the body must be JSON (Content-Type: application/json)",
+            ));
+        }
+        let body = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::new(ErrorCode::TooLarge, "the body is larger than the limit")
+            } else {
+                Error::bad_request(r.body_text())
+            }
+        })?;
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(Error::bad_request("the body must be one JSON object"));
+        }
+        serde_json::from_slice(&body)
+            .map(ApiJson)
+            .map_err(|e| Error::bad_request(format!("invalid body: {e}")))
+    }
+}
+
+/// `Path` whose rejection (a segment that is not UTF-8, say) is the protocol's error body.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
             Err(r) => Err(Error::bad_request(r.body_text())),
         }
     }
@@ -148,7 +184,7 @@ fn check_user_path(user: &str) -> Result<(), Error> {
 pub async fn list_buffered(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<serde_json::Value>, Error> {
     check_user_path(&user)?;
@@ -185,7 +221,7 @@ pub async fn list_buffered(
 pub async fn clear_buffered(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, Error> {
     require_admin(&claims)?;
     check_user_path(&user)?;
@@ -248,6 +284,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn not_found() -> Error {
     Error::not_found("no such route")
+}
+
+pub async fn method_not_allowed() -> Error {
+    Error::bad_request("method not allowed on this route")
+        .with_status(StatusCode::METHOD_NOT_ALLOWED)
 }
 
 pub async fn dev_status() -> Json<serde_json::Value> {

@@ -50,6 +50,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     }
     router
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

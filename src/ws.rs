@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
@@ -22,6 +23,7 @@ use crate::state::AppState;
 
 /// Close codes (documented in docs/PROTOCOL.md).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_QUEUE_FULL: u16 = 4001;
@@ -33,7 +35,7 @@ pub async fn upgrade(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
     if !state.config.allowed_origins.is_empty() {
         let origin = headers
@@ -45,6 +47,8 @@ pub async fn upgrade(
     }
     let token = bearer_token(&headers, uri.query()).ok_or(AuthError::Missing)?;
     let claims = state.auth.verify(token)?;
+    // Checked after the token, so an unauthenticated caller learns only that it is one.
+    let ws = ws.map_err(|r| Error::bad_request(r.body_text()).with_status(r.status()))?;
     let guard = state
         .presence()
         .connect(&claims.sub, state.config.max_connections_per_user)
@@ -119,6 +123,10 @@ fn read_error(e: axum::Error) -> End {
         Some(WsError::Capacity(_)) => End::Close(CLOSE_TOO_BIG, "frame too large"),
         Some(WsError::Utf8(_)) => {
             End::Close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8")
+        }
+        // Unmasked frames, reserved bits, unknown opcodes.
+        Some(WsError::Protocol(_)) => {
+            End::Close(CLOSE_PROTOCOL_ERROR, "WebSocket protocol violation")
         }
         _ => End::Gone,
     }

@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod contract;
 mod delivery;
 mod faults;
 mod harness;
