@@ -94,6 +94,11 @@ pub struct Config {
     #[arg(long, env = "MSGBUF_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// A socket whose writes make no progress for this long is closed with 4001 (its
+    /// client stopped reading; its messages wait in MongoDB).
+    #[arg(long, env = "MSGBUF_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
     /// Upper bound on graceful shutdown.
     #[arg(long, env = "MSGBUF_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,

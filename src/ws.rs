@@ -27,6 +27,7 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_QUEUE_FULL: u16 = 4001;
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4002;
 
 const QUEUE_FULL_REASON: &str = "outbound queue full; undelivered messages wait for your next join";
 
@@ -80,6 +81,10 @@ async fn serve(socket: WebSocket, state: Arc<AppState>, claims: Claims, guard: C
     let close = match end {
         End::Shutdown => Some((CLOSE_GOING_AWAY, "server shutting down")),
         End::QueueFull => Some((CLOSE_QUEUE_FULL, QUEUE_FULL_REASON)),
+        End::TokenExpired => Some((
+            CLOSE_TOKEN_EXPIRED,
+            "token expired; reconnect with a fresh token",
+        )),
         End::Close(code, reason) => Some((code, reason)),
         End::Gone => None,
     };

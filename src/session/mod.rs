@@ -69,6 +69,8 @@ pub enum End {
     Shutdown,
     /// The client stopped reading; its messages wait in MongoDB (v1: close 4001).
     QueueFull,
+    /// The token's `exp` passed; the client reconnects with a fresh one (v1: close 4002).
+    TokenExpired,
     /// A transport-level violation, with the transport's close code and reason.
     Close(u16, &'static str),
     /// The peer closed, or the connection broke.
@@ -97,6 +99,9 @@ pub struct Session {
     limiter: DefaultDirectRateLimiter,
     outbox: Outbox,
     drain: Option<Drain>,
+    /// Fires when the outbox has waited `MSGBUF_WRITE_TIMEOUT` without the socket taking
+    /// anything: a stalled writer counts as a full queue. Made on the first write.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Step {
@@ -121,6 +126,7 @@ impl Session {
             ack_write: None,
             outbox: Outbox::default(),
             drain: None,
+            stall: None,
         }
     }
 
@@ -132,11 +138,16 @@ impl Session {
     {
         let shutdown = self.state.shutdown.clone();
         let overflow = self.overflow.clone();
+        let expiry = tokio::time::sleep_until(token_expiry(self.claims.exp));
+        tokio::pin!(expiry);
         loop {
+            self.watch_for_stall();
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::End(End::Shutdown),
                 _ = overflow.cancelled() => Step::End(self.queue_full()),
+                _ = &mut expiry => Step::End(End::TokenExpired),
+                _ = poll_stall(&mut self.stall), if self.outbox.has_work() => Step::End(self.queue_full()),
                 written = self.outbox.pump(sink), if self.outbox.has_work() => match written {
                     Ok(()) => Step::Continue,
                     Err(()) => Step::End(End::Gone),
@@ -174,6 +185,20 @@ impl Session {
                 // clients retry by clientMsgId.
                 return end;
             }
+        }
+    }
+
+    /// Pushes the stall deadline back whenever the socket took something.
+    fn watch_for_stall(&mut self) {
+        let progressed = self.outbox.take_progress();
+        if !self.outbox.has_work() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.state.config.write_timeout;
+        match self.stall.as_mut() {
+            Some(stall) if progressed => stall.as_mut().reset(deadline),
+            Some(_) => {}
+            None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
     }
 
@@ -458,6 +483,19 @@ async fn next_drained(drain: &mut Option<Drain>) -> Option<Result<BufferedMessag
         Some(d) => d.cursor.next().await,
         None => std::future::pending().await,
     }
+}
+
+async fn poll_stall(stall: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match stall {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The instant a token with this `exp` (seconds since the epoch) stops being valid.
+fn token_expiry(exp: u64) -> tokio::time::Instant {
+    let now = crate::auth::unix_now();
+    tokio::time::Instant::now() + std::time::Duration::from_secs(exp.saturating_sub(now))
 }
 
 async fn poll_ack_write(write: &mut Option<AckWrite>) -> Result<(), StoreError> {

@@ -19,6 +19,8 @@ pub struct Outbox {
     bytes: usize,
     /// Frames were handed to the sink since its last flush.
     unflushed: bool,
+    /// The sink took a frame or finished a flush since [`Outbox::take_progress`] last looked.
+    progressed: bool,
 }
 
 impl Outbox {
@@ -30,6 +32,11 @@ impl Outbox {
     /// Whether the session may queue more.
     pub fn has_room(&self) -> bool {
         self.frames.len() < MAX_FRAMES && self.bytes < MAX_BYTES
+    }
+
+    /// Whether the sink moved since the last call (and forgets it).
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progressed)
     }
 
     pub fn has_work(&self) -> bool {
@@ -55,10 +62,12 @@ impl Outbox {
                 self.bytes -= frame.len();
                 sink.as_mut().start_send(frame).map_err(|_| ())?;
                 self.unflushed = true;
+                self.progressed = true;
             }
         }
         ready!(sink.poll_flush(cx)).map_err(|_| ())?;
         self.unflushed = false;
+        self.progressed = true;
         Poll::Ready(Ok(()))
     }
 }

@@ -97,3 +97,122 @@ async fn a_large_drain_completes_to_a_client_that_acks_each_message_with_a_block
         .expect("count");
     assert_eq!(claimed, BACKLOG as u64);
 }
+
+/// Joins `user` from a socket with tiny kernel buffers that never reads.
+async fn join_and_stop_reading(
+    a: &Instance,
+    user: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let tcp = socket.connect(a.addr).await.expect("connect");
+    let mut request = a.ws_url().into_client_request().expect("request");
+    let bearer = format!("Bearer {}", token(user)).parse().expect("header");
+    request.headers_mut().insert("Authorization", bearer);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("handshake");
+    ws.send(Message::Text(r#"{"event":"join_chat","data":{}}"#.into()))
+        .await
+        .expect("join");
+    let joined = tokio::time::timeout(T, ws.next())
+        .await
+        .expect("joined in time");
+    assert!(matches!(joined, Some(Ok(Message::Text(_)))), "{joined:?}");
+    ws
+}
+
+/// Sends `n` messages of 16 KiB to `to` through REST (not rate limited by a socket).
+async fn send_big(a: &Instance, to: &str, n: usize) {
+    let alice = token("alice");
+    let text = "x".repeat(16 * 1024);
+    for i in 0..n {
+        let body = serde_json::json!({"to": to, "chatId": "c", "message": text, "clientMsgId": format!("big-{i}")});
+        let (s, answer) = http(
+            "POST",
+            &a.http("/api/messages"),
+            Some(&alice),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(s, 201, "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn a_socket_that_stops_reading_is_closed_after_the_write_timeout_and_loses_nothing() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("stalled_writer");
+    let mut config = test_config(&rs, &db, "A");
+    config.write_timeout = Duration::from_secs(2);
+    config.ack_timeout = Duration::from_secs(2);
+    let a = Instance::start(config).await;
+    let stalled = join_and_stop_reading(&a, "bob").await;
+    // Far less than a queue's worth of frames, but far more bytes than the socket takes.
+    send_big(&a, "bob", 300).await;
+    wait_for(
+        "the stalled socket to be closed",
+        Duration::from_secs(30),
+        || async {
+            let text = a.state.metrics_text();
+            (text.contains("msgbuf_queue_full_disconnects_total 1")
+                && text.contains("msgbuf_connections 0"))
+            .then_some(())
+        },
+    )
+    .await;
+    drop(stalled);
+    // Its messages waited in MongoDB: a new socket gets every one (re-sent when pushed
+    // to the old socket and not acked).
+    let messages = messages(&rs, &db).await;
+    wait_for("every push to be past its ack timeout", T, || async {
+        let cutoff = mongodb::bson::DateTime::from_millis(
+            mongodb::bson::DateTime::now().timestamp_millis() - 2_500,
+        );
+        let waiting = messages
+            .count_documents(doc! {"pushedAt": {"$gt": cutoff}})
+            .await
+            .ok()?;
+        (waiting == 0).then_some(())
+    })
+    .await;
+    let (mut bob, joined) = a.join("bob").await;
+    assert_eq!(joined["pending"], 300, "{joined}");
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 300 {
+        let ev = bob.expect("chat_message", T).await.expect("drained");
+        ids.insert(id_of(&ev.data));
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_a_socket_that_does_not_read_within_about_a_second() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("shutdown_stalled");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let _stalled = join_and_stop_reading(&a, "bob").await;
+    send_big(&a, "bob", 200).await;
+    let started = std::time::Instant::now();
+    a.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+}
+
+#[tokio::test]
+async fn a_socket_is_closed_with_4002_when_its_token_expires() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("token_expiry");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let short = auth()
+        .mint("bob", false, Duration::from_secs(2))
+        .expect("mint");
+    let mut bob = msgbuf::client::WsClient::connect(&a.ws_url(), &short)
+        .await
+        .expect("connect");
+    bob.join(T).await.expect("joined");
+    let end = bob.expect("a close", Duration::from_secs(10)).await;
+    assert!(
+        matches!(end, Err(msgbuf::client::ClientError::Closed(Some(4002)))),
+        "{end:?}"
+    );
+}
