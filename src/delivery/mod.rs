@@ -11,6 +11,7 @@
 //! ([`records`]).
 
 mod batching;
+mod recent;
 mod records;
 
 use std::hash::{Hash, Hasher};
@@ -47,6 +48,9 @@ pub struct Delivery {
     inserts: Vec<mpsc::Sender<InsertJob>>,
     /// Claims and acks for the record loop.
     records: mpsc::Sender<Record>,
+    /// Sends accepted lately, by (sender, clientMsgId): a repeat is answered here and
+    /// costs its sender nothing in the insert shard that other senders share.
+    recent: recent::RecentAccepts,
 }
 
 impl Delivery {
@@ -73,6 +77,7 @@ impl Delivery {
             ack_timeout,
             inserts,
             records,
+            recent: recent::RecentAccepts::default(),
         })
     }
 
@@ -95,6 +100,13 @@ impl Delivery {
     /// Stores a message with majority write concern; returns once it is acknowledged.
     pub async fn accept(&self, msg: BufferedMessage) -> Result<Accepted, StoreError> {
         let started = Instant::now();
+        let key = msg
+            .client_msg_id
+            .as_ref()
+            .map(|id| (msg.sender.clone(), id.clone()));
+        if let Some(accepted) = key.as_ref().and_then(|k| self.recent.get(k)) {
+            return Ok(accepted);
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         msg.sender.hash(&mut h);
         let shard = &self.inserts[(h.finish() as usize) % self.inserts.len()];
@@ -107,6 +119,9 @@ impl Delivery {
         self.metrics
             .accept_latency
             .record(started.elapsed().as_secs_f64());
+        if let (Some(key), Ok(accepted)) = (key, &accepted) {
+            self.recent.insert(key, accepted.clone());
+        }
         accepted
     }
 

@@ -190,10 +190,11 @@ impl Session {
 
     /// Pushes the stall deadline back whenever the socket took something.
     fn watch_for_stall(&mut self) {
-        let progressed = self.outbox.take_progress();
+        // Progress made while the outbox emptied counts once the next frame waits.
         if !self.outbox.has_work() {
             return;
         }
+        let progressed = self.outbox.take_progress();
         let deadline = tokio::time::Instant::now() + self.state.config.write_timeout;
         match self.stall.as_mut() {
             Some(stall) if progressed => stall.as_mut().reset(deadline),

@@ -11,4 +11,5 @@ mod delivery;
 mod faults;
 mod harness;
 mod hostile;
+mod limits;
 mod session;

@@ -216,3 +216,32 @@ async fn a_socket_is_closed_with_4002_when_its_token_expires() {
         "{end:?}"
     );
 }
+
+#[tokio::test]
+async fn a_socket_idle_longer_than_the_write_timeout_still_gets_its_next_messages() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("idle_then_busy");
+    let mut config = test_config(&rs, &db, "A");
+    config.write_timeout = Duration::from_millis(500);
+    let a = Instance::start(config).await;
+    let (mut bob, _) = a.join("bob").await;
+    let (mut alice, _) = a.join("alice").await;
+    for round in 0..3 {
+        alice
+            .chat("bob", "c", &format!("round {round}"), None)
+            .await
+            .expect("send");
+        alice.expect("message_accepted", T).await.expect("accepted");
+        let ev = bob
+            .expect("chat_message", T)
+            .await
+            .expect("delivered, socket open");
+        assert_eq!(ev.data["message"], format!("round {round}"));
+        // The scenario itself: quiet for longer than the write timeout.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    assert!(a
+        .state
+        .metrics_text()
+        .contains("msgbuf_queue_full_disconnects_total 0"));
+}
