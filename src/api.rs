@@ -112,6 +112,7 @@ pub async fn send_message(
     ApiJson(body): ApiJson<SendMessage>,
 ) -> Result<Response, Error> {
     body.validate()?;
+    state.delivery.check_send(&claims.sub)?;
     let msg = BufferedMessage::new(
         &claims.sub,
         &body.to,

@@ -82,7 +82,8 @@ pub struct Config {
     #[arg(long, env = "MSGBUF_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
 
-    /// Sustained `chat_message` rate per connection (messages/second).
+    /// Sustained send rate per user on this instance, WebSocket and REST together
+    /// (messages/second).
     #[arg(long, env = "MSGBUF_RATE_LIMIT", default_value_t = 200)]
     pub rate_limit: u32,
 

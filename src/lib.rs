@@ -16,6 +16,7 @@ pub mod client;
 mod config;
 mod delivery;
 mod error;
+mod limits;
 mod metrics;
 pub mod mongo;
 mod presence;

@@ -22,6 +22,7 @@ use crate::auth::{Auth, INSECURE_DEV_SECRET};
 use crate::cleanup::Cleanup;
 use crate::config::Config;
 use crate::delivery::{Delivery, Sweeper};
+use crate::limits::SendLimit;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::state::{AppState, StreamStatus};
@@ -112,6 +113,7 @@ impl Server {
             Arc::new(Presence::new()),
             Arc::new(Metrics::new()),
             config.ack_timeout,
+            SendLimit::new(config.rate_limit, config.rate_burst),
             &tasks,
             &shutdown,
         );

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::error::Error;
+use crate::limits::SendLimit;
 use crate::metrics::{DeliveryPath, Metrics};
 use crate::presence::{Outbound, Presence};
 use crate::protocol::{rfc3339, Accepted, Receipt, ServerFrame};
@@ -51,6 +53,8 @@ pub struct Delivery {
     /// Sends accepted lately, by (sender, clientMsgId): a repeat is answered here and
     /// costs its sender nothing in the insert shard that other senders share.
     recent: recent::RecentAccepts,
+    /// Sends per user on this instance, whatever the socket or route.
+    send_limit: SendLimit,
 }
 
 impl Delivery {
@@ -62,6 +66,7 @@ impl Delivery {
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
         ack_timeout: Duration,
+        send_limit: SendLimit,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Arc<Self> {
@@ -78,6 +83,7 @@ impl Delivery {
             inserts,
             records,
             recent: recent::RecentAccepts::default(),
+            send_limit,
         })
     }
 
@@ -95,6 +101,15 @@ impl Delivery {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Takes one send from `user`'s budget, or says why not.
+    pub fn check_send(&self, user: &str) -> Result<(), Error> {
+        let checked = self.send_limit.check(user);
+        if checked.is_err() {
+            self.metrics.rate_limited.increment(1);
+        }
+        checked
     }
 
     /// Stores a message with majority write concern; returns once it is acknowledged.
@@ -300,6 +315,7 @@ impl Sweeper {
             if let Err(e) = self.delivery.sweep().await {
                 tracing::warn!(error = %e, "redelivery sweep failed; retrying next tick");
             }
+            self.delivery.send_limit.forget_idle();
         }
     }
 }

@@ -21,20 +21,19 @@ mod outbox;
 mod recent;
 
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{Future, FutureExt, Sink, Stream, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use mongodb::bson::oid::ObjectId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::error::Error;
+use crate::limits::SocketLimits;
 use crate::metrics::DeliveryPath;
 use crate::presence::{ConnectionGuard, Outbound};
 use crate::protocol::{AckIds, ClientFrame, JoinChat, Joined, SendMessage, ServerFrame};
@@ -96,7 +95,8 @@ pub struct Session {
     /// Acked ids not yet handed to delivery, and the write of the previous ones.
     acks: Vec<ObjectId>,
     ack_write: Option<AckWrite>,
-    limiter: DefaultDirectRateLimiter,
+    /// Caps on joins and acked ids (sends are limited per user, in delivery).
+    limits: SocketLimits,
     outbox: Outbox,
     drain: Option<Drain>,
     /// Fires when the outbox has waited `MSGBUF_WRITE_TIMEOUT` without the socket taking
@@ -111,10 +111,8 @@ enum Step {
 
 impl Session {
     pub fn new(state: Arc<AppState>, claims: Claims, guard: ConnectionGuard) -> Self {
-        let rate = NonZeroU32::new(state.config.rate_limit.max(1)).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(state.config.rate_burst.max(1)).unwrap_or(NonZeroU32::MIN);
         Session {
-            limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            limits: SocketLimits::default(),
             state,
             claims,
             guard,
@@ -239,11 +237,8 @@ impl Session {
     }
 
     fn send(&mut self, m: SendMessage) {
-        if self.limiter.check().is_err() {
-            self.state.metrics().rate_limited.increment(1);
-            let e = Error::rate_limited("too many messages; slow down and retry")
-                .with_client_msg_id(m.client_msg_id);
-            return self.reply_error(e);
+        if let Err(e) = self.state.delivery.check_send(&self.claims.sub) {
+            return self.reply_error(e.with_client_msg_id(m.client_msg_id));
         }
         let msg = BufferedMessage::new(
             &self.claims.sub,
@@ -271,6 +266,10 @@ impl Session {
         let Ok(ids) = parsed else {
             return self.refuse(Error::bad_request("`ids` must be 24-hex message ids"));
         };
+        if let Err(e) = self.limits.check_acks(ids.len()) {
+            self.state.metrics().rate_limited.increment(1);
+            return self.reply_error(e);
+        }
         self.acks.extend(ids);
         self.write_acks();
     }
@@ -304,6 +303,11 @@ impl Session {
             .is_some_and(|u| u != self.claims.sub)
         {
             self.refuse(Error::forbidden("`userId` must be the token's user"));
+            return Step::Continue;
+        }
+        if let Err(e) = self.limits.check_join() {
+            self.state.metrics().rate_limited.increment(1);
+            self.reply_error(e);
             return Step::Continue;
         }
         let capacity = self.state.config.queue_capacity;

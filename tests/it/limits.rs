@@ -5,32 +5,34 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-/// p99 of `n` sends by `sender`, each waiting for its `message_accepted`.
-async fn accept_p99(a: &Instance, sender: &str, tag: &str, n: usize) -> Duration {
-    let (mut c, _) = a.join(sender).await;
-    let mut took = Vec::with_capacity(n);
+/// Accept latencies of `n` sends by `c`, each waiting for its `message_accepted`.
+async fn accept_times(
+    c: &mut msgbuf::client::WsClient,
+    tag: &str,
+    n: usize,
+    out: &mut Vec<Duration>,
+) {
     for i in 0..n {
         let started = Instant::now();
         c.chat("bob", "c", "hi", Some(&format!("{tag}-{i}")))
             .await
             .expect("send");
         c.expect("message_accepted", T).await.expect("accepted");
-        took.push(started.elapsed());
+        out.push(started.elapsed());
     }
-    took.sort();
-    took[(n * 99 / 100).min(n - 1)]
 }
 
-#[tokio::test]
-async fn a_flood_of_one_repeated_client_msg_id_does_not_slow_other_senders() {
-    let rs = ReplicaSet::start(1).await;
-    let db = db_name("duplicate_flood");
-    let a = Instance::start(test_config(&rs, &db, "A")).await;
-    let quiet = accept_p99(&a, "normal", "quiet", 200).await;
+fn p99(mut took: Vec<Duration>) -> Duration {
+    took.sort();
+    took[(took.len() * 99 / 100).min(took.len() - 1)]
+}
 
-    // Sixteen flooders (every insert shard gets some), each repeating one clientMsgId at
-    // 40/s, pipelined two at a time, under the rate limit.
-    let stop = tokio_util::sync::CancellationToken::new();
+/// Sixteen flooders (every insert shard gets some), each repeating one clientMsgId at
+/// 40/s, pipelined two at a time, under the rate limit; stopped by `stop`.
+async fn flood(
+    a: &Instance,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<u32>> {
     let mut flooders = Vec::new();
     for f in 0..16 {
         let (mut c, _) = a.join(&format!("flooder{f}")).await;
@@ -53,11 +55,38 @@ async fn a_flood_of_one_repeated_client_msg_id_does_not_slow_other_senders() {
             answered
         }));
     }
-    let flooded = accept_p99(&a, "normal", "flooded", 200).await;
-    stop.cancel();
+    flooders
+}
+
+fn insert_batches(a: &Instance) -> f64 {
+    let text = a.state.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("msgbuf_insert_batch_seconds_count "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_flood_of_one_repeated_client_msg_id_does_not_slow_other_senders() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("duplicate_flood");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut normal, _) = a.join("normal").await;
+    // Quiet and flooded rounds alternate, so that other load on the machine weighs on both.
+    let (mut quiet, mut flooded) = (Vec::new(), Vec::new());
     let mut repeats = 0;
-    for f in flooders {
-        repeats += f.await.expect("flooder");
+    let mut batches_during_floods = 0.0;
+    for round in 0..4 {
+        accept_times(&mut normal, &format!("quiet{round}"), 50, &mut quiet).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let flooders = flood(&a, &stop).await;
+        let before = insert_batches(&a);
+        accept_times(&mut normal, &format!("flooded{round}"), 50, &mut flooded).await;
+        batches_during_floods += insert_batches(&a) - before;
+        stop.cancel();
+        for f in flooders {
+            repeats += f.await.expect("flooder");
+        }
     }
     let stored = messages(&rs, &db)
         .await
@@ -68,11 +97,114 @@ async fn a_flood_of_one_repeated_client_msg_id_does_not_slow_other_senders() {
         stored, 16,
         "one document per flooder, however often it repeats"
     );
-    assert!(repeats > 16 * 10, "the flood ran: {repeats} answers");
+    assert!(repeats > 4 * 16 * 10, "the flood ran: {repeats} answers");
+    // The repeats never reach the insert shards: about one batch per normal send.
+    assert!(
+        batches_during_floods <= 4.0 * 50.0 + 16.0,
+        "{batches_during_floods} insert batches for 200 sends beside {repeats} repeats"
+    );
+    let (quiet, flooded) = (p99(quiet), p99(flooded));
     // A floor for the quiet figure: a majority write on a busy 2-core machine.
-    let bound = 2 * quiet.max(Duration::from_millis(5));
+    let bound = 2 * quiet.max(Duration::from_millis(10));
     assert!(
         flooded <= bound,
         "p99 accept latency beside the flood {flooded:?}, quiet {quiet:?} (bound {bound:?})"
     );
+}
+
+#[tokio::test]
+async fn the_send_limit_is_per_user_across_sockets_reconnects_and_rest() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("send_limit_per_user");
+    let mut config = test_config(&rs, &db, "A");
+    config.rate_limit = 1;
+    config.rate_burst = 5;
+    let a = Instance::start(config).await;
+    let (mut first, _) = a.join("alice").await;
+    for i in 0..5 {
+        first
+            .chat("bob", "c", "m", Some(&format!("k{i}")))
+            .await
+            .expect("send");
+        first
+            .expect("message_accepted", T)
+            .await
+            .expect("within the burst");
+    }
+    first.close().await;
+    // A new socket does not get a new budget.
+    let (mut second, _) = a.join("alice").await;
+    second
+        .chat("bob", "c", "m", Some("k5"))
+        .await
+        .expect("send");
+    let ev = second.next_event(T).await.expect("an answer");
+    assert_eq!(
+        (ev.event.as_str(), &ev.data["code"]),
+        ("error", &serde_json::json!("rate_limited")),
+        "{ev:?}"
+    );
+    assert_eq!(ev.data["clientMsgId"], "k5");
+    // Nor does REST.
+    let body = r#"{"to":"bob","chatId":"c","message":"m","clientMsgId":"k6"}"#;
+    let (s, answer) = http(
+        "POST",
+        &a.http("/api/messages"),
+        Some(&token("alice")),
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 429, "{answer}");
+    // Another user is not affected.
+    let (s, answer) = http(
+        "POST",
+        &a.http("/api/messages"),
+        Some(&token("carol")),
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 201, "{answer}");
+}
+
+#[tokio::test]
+async fn joins_and_acked_ids_are_capped_per_socket() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("join_ack_caps");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let mut c = a.connect("bob").await;
+    let mut refused = 0;
+    for _ in 0..30 {
+        c.send_event("join_chat", serde_json::json!({}))
+            .await
+            .expect("join");
+    }
+    let mut joined = 0;
+    while joined + refused < 30 {
+        let ev = c.next_event(T).await.expect("an answer to each join");
+        match ev.event.as_str() {
+            "joined" => joined += 1,
+            "error" if ev.data["code"] == "rate_limited" => refused += 1,
+            other => panic!("unexpected {other}: {}", ev.data),
+        }
+    }
+    assert!(
+        joined >= 1 && refused >= 10,
+        "joined {joined}, refused {refused}"
+    );
+
+    // 1,000-id ack frames in a loop: refused once past the cap, the socket stays.
+    let ids: Vec<String> = (0..1000)
+        .map(|_| mongodb::bson::oid::ObjectId::new().to_hex())
+        .collect();
+    for _ in 0..60 {
+        c.ack(&ids).await.expect("ack frame");
+    }
+    let ev = c.expect("error", T).await.expect("an error");
+    assert_eq!(ev.data["code"], "rate_limited", "{:?}", ev.data);
+    c.chat("alice", "c", "still here", None)
+        .await
+        .expect("send");
+    c.expect("message_accepted", T)
+        .await
+        .expect("the socket stays open");
 }
