@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Auth, INSECURE_DEV_SECRET};
 use crate::cleanup::Cleanup;
 use crate::config::Config;
-use crate::delivery::{Delivery, Sweeper};
+use crate::delivery::{self, Delivery, Sweeper};
 use crate::limits::SendLimit;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
@@ -108,12 +108,14 @@ impl Server {
 
         let tasks = TaskTracker::new();
         let delivery = Delivery::start(
-            store,
-            instance,
-            Arc::new(Presence::new()),
-            Arc::new(Metrics::new()),
-            config.ack_timeout,
-            SendLimit::new(config.rate_limit, config.rate_burst),
+            delivery::Parts {
+                store,
+                instance,
+                presence: Arc::new(Presence::new()),
+                metrics: Arc::new(Metrics::new()),
+                ack_timeout: config.ack_timeout,
+                send_limit: SendLimit::new(config.rate_limit, config.rate_burst),
+            },
             &tasks,
             &shutdown,
         );

@@ -57,19 +57,28 @@ pub struct Delivery {
     send_limit: SendLimit,
 }
 
+/// What delivery is built from: one of each per instance.
+pub struct Parts {
+    pub store: Store,
+    pub instance: Arc<str>,
+    pub presence: Arc<Presence>,
+    pub metrics: Arc<Metrics>,
+    pub ack_timeout: Duration,
+    pub send_limit: SendLimit,
+}
+
 impl Delivery {
     /// Starts the insert shards and the claim and ack batcher on `tracker`; they finish
     /// the work queued before `cancel` and then stop.
-    pub fn start(
-        store: Store,
-        instance: Arc<str>,
-        presence: Arc<Presence>,
-        metrics: Arc<Metrics>,
-        ack_timeout: Duration,
-        send_limit: SendLimit,
-        tracker: &TaskTracker,
-        cancel: &CancellationToken,
-    ) -> Arc<Self> {
+    pub fn start(parts: Parts, tracker: &TaskTracker, cancel: &CancellationToken) -> Arc<Self> {
+        let Parts {
+            store,
+            instance,
+            presence,
+            metrics,
+            ack_timeout,
+            send_limit,
+        } = parts;
         let inserts = (0..INSERT_SHARDS)
             .map(|_| batching::spawn_insert_shard(&store, &metrics, tracker, cancel))
             .collect();
