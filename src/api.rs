@@ -37,10 +37,10 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
 /// a repeated key is an error).
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Error> {
         let is_json = req
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
@@ -51,19 +51,38 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 "the body must be JSON (Content-Type: application/json)",
             ));
         }
-        let body = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Error::new(ErrorCode::TooLarge, "the body is larger than the limit")
-            } else {
-                Error::bad_request(r.body_text())
-            }
-        })?;
+        let body = read_body(req, state).await?;
         if body.trim_ascii_start().first() != Some(&b'{') {
             return Err(Error::bad_request("the body must be one JSON object"));
         }
         serde_json::from_slice(&body)
             .map(ApiJson)
             .map_err(|e| Error::bad_request(format!("invalid body: {e}")))
+    }
+}
+
+/// Reads a request body: at most [`crate::state::MAX_BODIES_IN_FLIGHT`] at a time on the instance, each
+/// within `MSGBUF_HANDSHAKE_TIMEOUT` (a client announcing a large body and sending it a
+/// byte at a time holds a permit only that long).
+async fn read_body(req: Request, state: &Arc<AppState>) -> Result<Bytes, Error> {
+    let Ok(_permit) = state.bodies.try_acquire() else {
+        return Err(Error::new(
+            ErrorCode::Unavailable,
+            "too many requests in flight; retry later",
+        ));
+    };
+    let read = Bytes::from_request(req, state);
+    match tokio::time::timeout(state.config.handshake_timeout, read).await {
+        Err(_) => Err(
+            Error::bad_request("the request body did not arrive in time")
+                .with_status(StatusCode::REQUEST_TIMEOUT),
+        ),
+        Ok(Err(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Error::new(
+            ErrorCode::TooLarge,
+            "the body is larger than the limit",
+        )),
+        Ok(Err(r)) => Err(Error::bad_request(r.body_text())),
+        Ok(Ok(body)) => Ok(body),
     }
 }
 

@@ -128,6 +128,7 @@ impl Server {
             auth,
             delivery,
             stream: StreamStatus::default(),
+            bodies: tokio::sync::Semaphore::new(crate::state::MAX_BODIES_IN_FLIGHT),
             shutdown,
             tasks,
         });

@@ -24,9 +24,14 @@ pub struct AppState {
     pub(crate) stream: StreamStatus,
     /// Cancelled once, on shutdown; every task watches it.
     pub(crate) shutdown: CancellationToken,
+    /// Permits for request bodies being read (see `api::read_body`).
+    pub(crate) bodies: tokio::sync::Semaphore,
     /// Background tasks and sockets, awaited on shutdown.
     pub(crate) tasks: TaskTracker,
 }
+
+/// Request bodies read at once, at most, on one instance.
+pub const MAX_BODIES_IN_FLIGHT: usize = 64;
 
 impl AppState {
     /// This instance's metrics in the Prometheus text format (`/metrics`).

@@ -208,3 +208,57 @@ async fn joins_and_acked_ids_are_capped_per_socket() {
         .await
         .expect("the socket stays open");
 }
+
+#[tokio::test]
+async fn slow_request_bodies_are_cut_off_and_capped_in_number() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("slow_bodies");
+    let mut config = test_config(&rs, &db, "A");
+    config.handshake_timeout = Duration::from_secs(1);
+    let a = Instance::start(config).await;
+    let alice = token("alice");
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let addr = a.addr;
+        let alice = alice.clone();
+        slow.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let head = format!(
+                "POST /api/messages HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {alice}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{"
+            );
+            tcp.write_all(head.as_bytes()).await.expect("head");
+            let mut answer = Vec::new();
+            let _ = tcp.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer).into_owned();
+            answer.split(' ').nth(1).unwrap_or("none").to_owned()
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in slow {
+        let status = tokio::time::timeout(Duration::from_secs(20), s)
+            .await
+            .expect("no slow body holds its connection for long")
+            .expect("task");
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}: {statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|s| s == "408" || s == "503"),
+        "each slow body is answered 408 (too slow) or 503 (too many at once): {statuses:?}"
+    );
+    assert!(
+        statuses.contains_key("503"),
+        "the in-flight cap held: {statuses:?}"
+    );
+    // Afterwards the route serves normally.
+    let body = r#"{"to":"bob","chatId":"c","message":"m"}"#;
+    let (s, answer) = http("POST", &a.http("/api/messages"), Some(&alice), Some(body)).await;
+    assert_eq!(s, 201, "{answer}");
+}
