@@ -222,16 +222,17 @@ pub async fn list_buffered(
                 .map_err(|_| Error::bad_request("`after` must be a 24-hex message id"))?,
         ),
     };
+    // Pages are up to 1 MiB each; a few at once bound what reads hold in memory.
+    let _permit = state.page_reads.acquire().await.map_err(Error::internal)?;
     let page = state
         .store()
         .undelivered(Receivers::One(&user), after, limit)
         .await?;
-    let next = if page.len() as i64 == limit {
-        page.last().map(|m| m.id.to_hex())
-    } else {
-        None
+    let next = match page.messages.last() {
+        Some(last) if page.more => Some(last.id.to_hex()),
+        _ => None,
     };
-    let messages: Vec<MessageView> = page.into_iter().map(MessageView::from).collect();
+    let messages: Vec<MessageView> = page.messages.into_iter().map(MessageView::from).collect();
     Ok(Json(
         json!({"userId": user, "messages": messages, "next": next}),
     ))

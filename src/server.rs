@@ -129,6 +129,7 @@ impl Server {
             delivery,
             stream: StreamStatus::default(),
             bodies: tokio::sync::Semaphore::new(crate::state::MAX_BODIES_IN_FLIGHT),
+            page_reads: tokio::sync::Semaphore::new(crate::state::MAX_PAGE_READS),
             shutdown,
             tasks,
         });

@@ -26,9 +26,14 @@ pub struct AppState {
     pub(crate) shutdown: CancellationToken,
     /// Permits for request bodies being read (see `api::read_body`).
     pub(crate) bodies: tokio::sync::Semaphore,
+    /// Permits for buffered-message pages being read (each up to 1 MiB).
+    pub(crate) page_reads: tokio::sync::Semaphore,
     /// Background tasks and sockets, awaited on shutdown.
     pub(crate) tasks: TaskTracker,
 }
+
+/// Pages of `GET /api/messages/buffered/{userId}` read at once, at most; more wait.
+pub const MAX_PAGE_READS: usize = 4;
 
 /// Request bodies read at once, at most, on one instance.
 pub const MAX_BODIES_IN_FLIGHT: usize = 64;

@@ -266,12 +266,12 @@ impl Delivery {
                     .store
                     .undelivered(Receivers::Many(chunk), after, SWEEP_LIMIT)
                     .await?;
-                for msg in &batch {
+                for msg in &batch.messages {
                     self.push_and_claim(msg, DeliveryPath::Rescan).await;
                 }
-                n += batch.len();
-                match batch.last() {
-                    Some(last) if batch.len() as i64 == SWEEP_LIMIT => after = Some(last.id),
+                n += batch.messages.len();
+                match batch.messages.last() {
+                    Some(last) if batch.more => after = Some(last.id),
                     _ => break,
                 }
             }

@@ -33,6 +33,19 @@ impl Receivers<'_> {
     }
 }
 
+/// Message text a page holds at most (one message more may cross it).
+pub const PAGE_BYTES: usize = 1 << 20;
+/// Documents per `getMore` of a page: 64 of the largest messages are 1 MiB.
+const PAGE_BATCH: u32 = 64;
+
+/// One page of messages, oldest first.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub messages: Vec<BufferedMessage>,
+    /// The page was cut by its limit or its size: read on after its last id.
+    pub more: bool,
+}
+
 /// Counts for `/api/messages/buffer-stats`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -77,24 +90,37 @@ impl Store {
         Ok(all)
     }
 
-    /// Up to `limit` undelivered messages of `receivers` after `after`, oldest first (REST
-    /// pages, the rescan after history loss).
+    /// Undelivered messages of `receivers` after `after`, oldest first (REST pages, the
+    /// rescan after history loss): up to `limit`, and no more once the page holds
+    /// [`PAGE_BYTES`] of message text (memory per read is bounded whatever the messages
+    /// weigh). The page says whether more may follow.
     pub async fn undelivered(
         &self,
         receivers: Receivers<'_>,
         after: Option<ObjectId>,
         limit: i64,
-    ) -> Result<Vec<BufferedMessage>, StoreError> {
+    ) -> Result<Page, StoreError> {
         let mut filter = doc! {"receiver": receivers.to_bson(), "delivered": false};
         if let Some(after) = after {
             filter.insert("_id", doc! {"$gt": after});
         }
-        Ok(self
+        let mut cursor = self
             .oldest_first_in(filter, DRAIN_INDEX)
             .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+            .batch_size(PAGE_BATCH)
+            .await?;
+        let mut page = Page::default();
+        let mut bytes = 0;
+        while let Some(msg) = cursor.try_next().await? {
+            bytes += msg.message.len();
+            page.messages.push(msg);
+            if bytes >= PAGE_BYTES {
+                page.more = true;
+                return Ok(page);
+            }
+        }
+        page.more = page.messages.len() as i64 == limit;
+        Ok(page)
     }
 
     /// Buffer counts, each answered from an index.

@@ -262,3 +262,46 @@ async fn slow_request_bodies_are_cut_off_and_capped_in_number() {
     let (s, answer) = http("POST", &a.http("/api/messages"), Some(&alice), Some(body)).await;
     assert_eq!(s, 201, "{answer}");
 }
+
+#[tokio::test]
+async fn a_page_of_buffered_messages_holds_at_most_a_mebibyte_and_paging_returns_all() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("page_bytes");
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
+    let text = "x".repeat(16 * 1024);
+    let batch: Vec<_> = (0..100)
+        .map(|_| msgbuf::BufferedMessage::new("alice", "bob", "c", &text, None))
+        .collect();
+    for r in store.insert_batch(&batch).await {
+        r.expect("insert");
+    }
+    let bob = token("bob");
+    let mut after: Option<String> = None;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let mut url = a.http("/api/messages/buffered/bob?limit=1000");
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let (s, body) = http_get(&url, Some(&bob)).await;
+        assert_eq!(s, 200, "{body}");
+        let page = json(&body);
+        let messages = page["messages"].as_array().expect("messages").clone();
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m["message"].as_str().map_or(0, str::len))
+            .sum();
+        assert!(bytes <= (1 << 20) + 16 * 1024, "page of {bytes} bytes");
+        seen.extend(messages.iter().map(id_of));
+        pages += 1;
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = batch.iter().map(|m| m.id.to_hex()).collect();
+    assert_eq!(seen, expected, "every message once, oldest first");
+    assert!(pages >= 2, "100 × 16 KiB takes more than one page");
+}
