@@ -1,0 +1,3 @@
+//! One module per scenario: its arguments and its run.
+
+pub mod floor;
