@@ -1,14 +1,22 @@
 //! `msgbuf-loadgen`: load generator and measurement tool for msgbuf (see BENCHMARKS.md).
 //!
 //! Scenarios (each prints a table and, with `--json FILE`, writes one JSON object):
+//! - `latency`: open loop at a fixed total rate; send → receive latency (HDR histogram).
+//! - `throughput`: closed loop, a bounded window of undelivered messages per sender.
+//! - `drain`: K messages buffered for an offline user, then the user joins; time to the last.
+//! - `idle`: C joined connections held open, for the server's memory per connection.
 //! - `floor`: MongoDB alone: insert → change event latency and the insert+notify rate.
 //!
 //! Helpers for `scripts/bench`: `summary DIR` (targets table), `mongo-stats`, `free-port`.
 //! All load is bounded in count and time.
 
+mod conn;
+mod explain;
+mod frames;
 mod histogram;
 mod mongo;
 mod mongo_stats;
+mod pairs;
 mod procfs;
 mod report;
 mod scenario;
@@ -17,10 +25,13 @@ mod summary;
 
 use clap::{Parser, Subcommand};
 
-use scenario::floor;
+use scenario::{drain, floor, idle, latency, throughput};
 
 #[derive(Parser)]
-#[command(name = "msgbuf-loadgen", about = "Load generator for msgbuf: floor")]
+#[command(
+    name = "msgbuf-loadgen",
+    about = "Load generator for msgbuf: latency, throughput, drain, idle, floor"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +39,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Open loop at a fixed total rate; send → receive latency.
+    Latency(latency::LatencyArgs),
+    /// Closed loop: as fast as the system sustains with a window per sender.
+    Throughput(throughput::ThroughputArgs),
+    /// K messages buffered for an offline user, then the user joins.
+    Drain(drain::DrainArgs),
+    /// C joined connections held open (server memory per connection).
+    Idle(idle::IdleArgs),
     /// MongoDB alone: insert → change-event latency and max insert+notify rate.
     Floor(floor::FloorArgs),
     /// Reads the JSON results in DIR and prints (and writes) the targets table.
@@ -46,6 +65,10 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
+            Command::Latency(a) => latency::latency(a).await,
+            Command::Throughput(a) => throughput::throughput(a).await,
+            Command::Drain(a) => drain::drain(a).await,
+            Command::Idle(a) => idle::idle(a).await,
             Command::Floor(a) => floor::floor(a).await,
             Command::Summary(a) => summary::summary(a),
             Command::MongoStats(a) => mongo_stats::mongo_stats(a).await,

@@ -39,6 +39,12 @@ pub fn parse_body(s: &str) -> Option<(u64, usize, u64)> {
     Some((t, p, n))
 }
 
+pub async fn sleep_until_us(due: Option<u64>) {
+    if let Some(us) = due {
+        tokio::time::sleep_until(instant_of(us)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
