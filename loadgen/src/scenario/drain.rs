@@ -1,5 +1,7 @@
 //! `drain`: K messages buffered for a user who has never connected, then the user joins;
-//! the time from `join_chat` to the last message, order and loss.
+//! the time from `join_chat` to the last message, order and loss. With `--ack` the user
+//! acks each message as it reads it, one blocking send per ack, as docs/PROTOCOL.md
+//! describes a client; otherwise it acks everything once the drain is over.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -43,6 +45,10 @@ pub struct DrainArgs {
     /// Database msgbuf uses (for `--mongodb-uri`).
     #[arg(long, default_value = "msgbuf")]
     pub db: String,
+    /// The joining user acks every message as soon as it reads it (one `ack` per message,
+    /// each send awaited before the next read), inside the timed drain.
+    #[arg(long)]
+    pub ack: bool,
 }
 
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
@@ -54,10 +60,14 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let mut report = Report::new(
         "drain",
         json!({"messages": args.messages, "senders": n_senders, "window": args.window,
-               "size": c.size, "receiver_url": c.urls[0], "urls": c.urls}),
+               "size": c.size, "receiver_url": c.urls[0], "urls": c.urls, "ack": args.ack}),
     );
-    report.latency_basis =
-        "join_chat sent → each chat_message read (max = time to the last message)".into();
+    report.latency_basis = if args.ack {
+        "join_chat sent → each chat_message read, each acked before the next read (max = time to the last message)"
+    } else {
+        "join_chat sent → each chat_message read (max = time to the last message)"
+    }
+    .into();
     let fill = fill(&args, &connector, &run, &receiver).await?;
     report.sent = fill.sent;
     for (code, n) in &fill.errors {
@@ -81,7 +91,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let ws = connector
         .connect(&c.urls[0], &receiver, None, 64 * 1024)
         .await?;
-    let d = read_backlog(ws, report.accepted, args.timeout).await?;
+    let d = read_backlog(ws, report.accepted, args.timeout, args.ack).await?;
     let drain_ms = (d.last_us - d.t0) as f64 / 1000.0;
     report.received = d.seen.len() as u64;
     report.lost = fill.accepted.difference(&d.seen).count() as u64;
@@ -116,6 +126,11 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     report
         .extra
         .insert("in_order".into(), json!(report.order_violations == 0));
+    if args.ack {
+        report
+            .extra
+            .insert("acked_while_draining".into(), json!(d.acked));
+    }
     report.extra.insert("close".into(), json!(d.close));
     report
         .extra
@@ -245,15 +260,18 @@ struct Drained {
     duplicates: u64,
     redeliveries: u64,
     order_violations: u64,
+    acked: u64,
     close: Option<String>,
 }
 
-/// Joins and reads until `expected` distinct messages arrived (or `timeout`), then acks
-/// them all and watches a second for late extras.
+/// Joins and reads until `expected` distinct messages arrived (or `timeout`); with `ack`,
+/// acks each new message before reading on. Then acks whatever is not acked yet and
+/// watches a second for late extras.
 async fn read_backlog(
     mut ws: WsClient,
     expected: u64,
     timeout: Duration,
+    ack: bool,
 ) -> anyhow::Result<Drained> {
     let mut d = Drained {
         t0: 0,
@@ -267,6 +285,7 @@ async fn read_backlog(
         duplicates: 0,
         redeliveries: 0,
         order_violations: 0,
+        acked: 0,
         close: None,
     };
     let mut unacked: Vec<String> = Vec::new();
@@ -303,8 +322,17 @@ async fn read_backlog(
                     }
                     last_seq.insert(p, n);
                 }
-                unacked.push(m.id);
-                d.last_us = now;
+                if ack {
+                    if let Err(e) = ws.send_raw(frames::ack(std::slice::from_ref(&m.id))).await {
+                        d.close = Some(e.to_string());
+                        break;
+                    }
+                    d.acked += 1;
+                } else {
+                    unacked.push(m.id);
+                }
+                // With acks, the drain is over when the last one is sent.
+                d.last_us = if ack { now_us() } else { now };
             }
             Incoming::Frame(_) | Incoming::Other => {}
             Incoming::Closed(why) => {
