@@ -71,7 +71,8 @@ mod tests {
 
     #[test]
     fn sequence_numbers_round_trip_through_client_msg_id() {
-        let frame: serde_json::Value = serde_json::from_str(&chat("bob", "c", "m", 42)).unwrap();
+        let frame: serde_json::Value =
+            serde_json::from_str(&chat("bob", "c", "m", 42)).expect("JSON");
         assert_eq!(seq_of(frame["data"]["clientMsgId"].as_str()), Some(42));
         assert_eq!(seq_of(Some("x")), None);
     }
