@@ -1,0 +1,141 @@
+//! Connecting users: tokens, the WebSocket handshake, joining, run ids.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use msgbuf::client::{ClientConfig, WsClient};
+use msgbuf::parse_duration;
+use msgbuf::protocol::ServerFrame;
+use msgbuf::Auth;
+
+use crate::frames::{self, classify, code_name, Incoming};
+
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Comma-separated WebSocket URLs of the instances (ws://127.0.0.1:PORT/ws).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub urls: Vec<String>,
+    /// HS256 secret the instances verify tokens with.
+    #[arg(long, env = "MSGBUF_JWT_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Write the result as one JSON object to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Prefix of user names (default: lg-<pid>-<unix seconds>), so runs do not mix.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// After sending stops: how long to wait for outstanding replies and deliveries.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Bytes of each message text (the timestamp header is padded up to this).
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Receivers send an `ack` at least this often (batched ids); 0 (the default) acks each
+    /// message as soon as it is read, as an interactive client would (the server batches).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub ack_interval: Duration,
+    /// Diagnostics only: receivers never ack (no ack writes, no receipts; messages are
+    /// re-sent after the server's ack timeout).
+    #[arg(long)]
+    pub no_ack: bool,
+}
+
+pub struct Connector {
+    auth: Auth,
+}
+
+impl Connector {
+    pub fn new(secret: &str) -> Self {
+        Connector {
+            auth: Auth::new(secret, None, None),
+        }
+    }
+
+    /// A token for `user` (minted here with the instances' secret), TCP (bound to
+    /// `source` when given) and the WebSocket handshake.
+    pub async fn connect(
+        &self,
+        url: &str,
+        user: &str,
+        source: Option<IpAddr>,
+        read_buffer: usize,
+    ) -> anyhow::Result<WsClient> {
+        let token = self.auth.mint(user, false, Duration::from_secs(4 * 3600))?;
+        let config = ClientConfig {
+            read_buffer,
+            local_addr: source,
+            ..ClientConfig::default()
+        };
+        Ok(WsClient::connect_with(url, &token, &config).await?)
+    }
+
+    /// Connects and joins; returns the socket and the `joined` data's `pending`.
+    pub async fn connect_joined(
+        &self,
+        url: &str,
+        user: &str,
+        source: Option<IpAddr>,
+        read_buffer: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<(WsClient, u64)> {
+        let fut = async {
+            let mut ws = self.connect(url, user, source, read_buffer).await?;
+            let pending = join(&mut ws).await?;
+            Ok::<_, anyhow::Error>((ws, pending))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| anyhow::anyhow!("connect+join timed out after {timeout:?}"))?
+    }
+}
+
+/// Sends `join_chat` and waits for `joined` (its `pending`); an `error` fails it.
+pub async fn join(ws: &mut WsClient) -> anyhow::Result<u64> {
+    ws.send_raw(frames::join()).await?;
+    loop {
+        match classify(ws.recv().await) {
+            Incoming::Frame(ServerFrame::Joined(j)) => return Ok(j.pending),
+            Incoming::Frame(ServerFrame::Error(e)) => {
+                bail!("join refused: {} {}", code_name(&e.code), e.message)
+            }
+            Incoming::Frame(_) | Incoming::Other => continue,
+            Incoming::Closed(why) => bail!("closed before joined: {why}"),
+        }
+    }
+}
+
+/// Connects and joins many users at once (bounded concurrency), in input order.
+pub async fn connect_all(
+    connector: &Arc<Connector>,
+    targets: Vec<(String, String)>,
+    read_buffer: usize,
+) -> anyhow::Result<Vec<WsClient>> {
+    let results: Vec<anyhow::Result<WsClient>> = futures::stream::iter(targets)
+        .map(|(url, user)| {
+            let c = connector.clone();
+            async move {
+                c.connect_joined(&url, &user, None, read_buffer, Duration::from_secs(30))
+                    .await
+                    .map(|(ws, _)| ws)
+                    .with_context(|| format!("{user} on {url}"))
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+pub fn run_id(common: &Common) -> String {
+    common.run_id.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("lg{}-{}", std::process::id(), secs % 1_000_000)
+    })
+}

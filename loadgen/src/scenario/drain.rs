@@ -1,0 +1,359 @@
+//! `drain`: K messages buffered for a user who has never connected, then the user joins;
+//! the time from `join_chat` to the last message, order and loss. With `--ack` the user
+//! acks each message as it reads it, one blocking send per ack, as docs/PROTOCOL.md
+//! describes a client; otherwise it acks everything once the drain is over.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use msgbuf::client::WsClient;
+use msgbuf::parse_duration;
+use msgbuf::protocol::ServerFrame;
+use serde_json::json;
+
+use crate::conn::{connect_all, run_id, Common, Connector};
+use crate::frames::{self, classify, code_name, Incoming};
+use crate::histogram::{new_hist, LatencyMs};
+use crate::pairs::SenderOut;
+use crate::report::Report;
+use crate::stamp::{body, now_us, parse_body};
+
+#[derive(Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Messages buffered for the offline user.
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Senders sharing them (round-robin over the URLs).
+    #[arg(long, default_value_t = 8)]
+    pub senders: usize,
+    /// Pipelined sends per sender.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// How long the joining user may take to receive everything.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// When given: before the join, `explain` (executionStats) the reads of the user's
+    /// pending messages (both halves, find and count) against this replica set and put the
+    /// plans in the report.
+    #[arg(long)]
+    pub mongodb_uri: Option<String>,
+    /// Database msgbuf uses (for `--mongodb-uri`).
+    #[arg(long, default_value = "msgbuf")]
+    pub db: String,
+    /// The joining user acks every message as soon as it reads it (one `ack` per message,
+    /// each send awaited before the next read), inside the timed drain.
+    #[arg(long)]
+    pub ack: bool,
+}
+
+pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let c = &args.common;
+    let connector = Arc::new(Connector::new(&c.secret));
+    let run = run_id(c);
+    let receiver = format!("{run}-offline");
+    let n_senders = args.senders.max(1);
+    let mut report = Report::new(
+        "drain",
+        json!({"messages": args.messages, "senders": n_senders, "window": args.window,
+               "size": c.size, "receiver_url": c.urls[0], "urls": c.urls, "ack": args.ack}),
+    );
+    report.latency_basis = if args.ack {
+        "join_chat sent → each chat_message read, each acked before the next read (max = time to the last message)"
+    } else {
+        "join_chat sent → each chat_message read (max = time to the last message)"
+    }
+    .into();
+    let fill = fill(&args, &connector, &run, &receiver).await?;
+    report.sent = fill.sent;
+    for (code, n) in &fill.errors {
+        report.errors += n;
+        *report.error_codes.entry(code.clone()).or_default() += n;
+    }
+    report.accepted = fill.accepted.len() as u64;
+    eprintln!(
+        "drain: {} of {} messages accepted for {receiver} in {:.1} s; joining",
+        report.accepted, args.messages, fill.seconds
+    );
+    if let Some(uri) = &args.mongodb_uri {
+        match crate::explain::explain_pending(uri, &args.db, &receiver).await {
+            Ok(v) => {
+                report.extra.insert("explain".into(), v);
+            }
+            Err(e) => eprintln!("drain: explain failed: {e:#}"),
+        }
+    }
+    // The offline user comes online: connect, then time join_chat → last message.
+    let ws = connector
+        .connect(&c.urls[0], &receiver, None, 64 * 1024)
+        .await?;
+    let d = read_backlog(ws, report.accepted, args.timeout, args.ack).await?;
+    let drain_ms = (d.last_us - d.t0) as f64 / 1000.0;
+    report.received = d.seen.len() as u64;
+    report.lost = fill.accepted.difference(&d.seen).count() as u64;
+    report.unexpected = d.seen.difference(&fill.accepted).count() as u64;
+    report.duplicates = d.duplicates;
+    report.redeliveries = d.redeliveries;
+    report.order_violations = d.order_violations;
+    report.latency_ms = LatencyMs::of(&d.hist);
+    report.duration_s = drain_ms / 1000.0;
+    report.throughput_msgs_per_s = if drain_ms > 0.0 {
+        report.received as f64 / (drain_ms / 1000.0)
+    } else {
+        0.0
+    };
+    report.extra.insert("drain_ms".into(), json!(drain_ms));
+    report.extra.insert(
+        "first_message_ms".into(),
+        json!(d.first_us.map(|u| (u - d.t0) as f64 / 1000.0)),
+    );
+    report.extra.insert(
+        "joined_ms".into(),
+        json!(d.joined_us.map(|u| u as f64 / 1000.0)),
+    );
+    report
+        .extra
+        .insert("joined_pending".into(), json!(d.pending));
+    report
+        .extra
+        .insert("receiver_instance".into(), json!(d.instance));
+    report.extra.insert("fill_s".into(), json!(fill.seconds));
+    report.extra.insert("receiver".into(), json!(receiver));
+    report
+        .extra
+        .insert("in_order".into(), json!(report.order_violations == 0));
+    if args.ack {
+        report
+            .extra
+            .insert("acked_while_draining".into(), json!(d.acked));
+    }
+    report.extra.insert("close".into(), json!(d.close));
+    report
+        .extra
+        .insert("sender_closes".into(), json!(fill.closes));
+    report.finish(c.json.as_deref())
+}
+
+/// What the senders buffered for the offline user.
+struct Fill {
+    sent: u64,
+    accepted: HashSet<String>,
+    errors: BTreeMap<String, u64>,
+    closes: Vec<String>,
+    seconds: f64,
+}
+
+/// Every sender sends its share, pipelined, until all are answered.
+async fn fill(
+    args: &DrainArgs,
+    connector: &Arc<Connector>,
+    run: &str,
+    receiver: &str,
+) -> anyhow::Result<Fill> {
+    let c = &args.common;
+    let n_senders = args.senders.max(1);
+    let senders = connect_all(
+        connector,
+        (0..n_senders)
+            .map(|i| (c.urls[i % c.urls.len()].clone(), format!("{run}-s{i}")))
+            .collect(),
+        8 * 1024,
+    )
+    .await?;
+    let start = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, ws)| {
+            let share = args.messages / n_senders + usize::from(i < args.messages % n_senders);
+            tokio::spawn(send_share(
+                ws,
+                i,
+                share as u64,
+                receiver.to_owned(),
+                format!("{run}-c{i}"),
+                c.size,
+                args.window.max(1) as u64,
+            ))
+        })
+        .collect();
+    let mut fill = Fill {
+        sent: 0,
+        accepted: HashSet::new(),
+        errors: BTreeMap::new(),
+        closes: Vec::new(),
+        seconds: 0.0,
+    };
+    for t in tasks {
+        let out = t.await?;
+        fill.sent += out.sent;
+        for (code, n) in out.errors {
+            *fill.errors.entry(code).or_default() += n;
+        }
+        fill.closes.extend(out.closed);
+        fill.accepted.extend(out.accepted);
+    }
+    fill.seconds = start.elapsed().as_secs_f64();
+    Ok(fill)
+}
+
+/// Sends `share` messages to `to`, at most `window` unanswered at a time.
+async fn send_share(
+    mut ws: WsClient,
+    pair: usize,
+    share: u64,
+    to: String,
+    chat: String,
+    size: usize,
+    window: u64,
+) -> SenderOut {
+    let mut out = SenderOut::default();
+    let mut answered = 0u64;
+    while answered < share {
+        while out.sent < share && out.sent - answered < window {
+            let seq = out.sent;
+            let frame = frames::chat(&to, &chat, &body(now_us(), pair, seq, size), seq);
+            if let Err(e) = ws.send_raw(frame).await {
+                out.closed = Some(e.to_string());
+                return out;
+            }
+            out.sent += 1;
+        }
+        let Ok(received) = tokio::time::timeout(Duration::from_secs(30), ws.recv()).await else {
+            out.closed = Some("no answer within 30 s".into());
+            return out;
+        };
+        match classify(received) {
+            Incoming::Frame(ServerFrame::MessageAccepted(a)) => {
+                answered += 1;
+                out.accepted.insert(a.id);
+            }
+            Incoming::Frame(ServerFrame::Error(e)) => {
+                answered += 1;
+                *out.errors.entry(code_name(&e.code)).or_default() += 1;
+            }
+            Incoming::Frame(_) | Incoming::Other => {}
+            Incoming::Closed(why) => {
+                out.closed = Some(why);
+                return out;
+            }
+        }
+    }
+    ws.close().await;
+    out
+}
+
+/// What the joining socket saw. Times are µs on the [`now_us`] clock.
+struct Drained {
+    t0: u64,
+    joined_us: Option<u64>,
+    first_us: Option<u64>,
+    last_us: u64,
+    pending: Option<u64>,
+    instance: Option<String>,
+    hist: Histogram<u64>,
+    seen: HashSet<String>,
+    duplicates: u64,
+    redeliveries: u64,
+    order_violations: u64,
+    acked: u64,
+    close: Option<String>,
+}
+
+/// Joins and reads until `expected` distinct messages arrived (or `timeout`); with `ack`,
+/// acks each new message before reading on. Then acks whatever is not acked yet and
+/// watches a second for late extras.
+async fn read_backlog(
+    mut ws: WsClient,
+    expected: u64,
+    timeout: Duration,
+    ack: bool,
+) -> anyhow::Result<Drained> {
+    let mut d = Drained {
+        t0: 0,
+        joined_us: None,
+        first_us: None,
+        last_us: 0,
+        pending: None,
+        instance: None,
+        hist: new_hist(),
+        seen: HashSet::with_capacity(expected as usize),
+        duplicates: 0,
+        redeliveries: 0,
+        order_violations: 0,
+        acked: 0,
+        close: None,
+    };
+    let mut unacked: Vec<String> = Vec::new();
+    let mut last_seq: HashMap<usize, u64> = HashMap::new();
+    d.t0 = now_us();
+    d.last_us = d.t0;
+    ws.send_raw(frames::join()).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while (d.seen.len() as u64) < expected {
+        let Ok(received) = tokio::time::timeout_at(deadline, ws.recv()).await else {
+            d.close = Some("drain timeout".to_owned());
+            break;
+        };
+        match classify(received) {
+            Incoming::Frame(ServerFrame::Joined(j)) => {
+                d.joined_us = Some(now_us() - d.t0);
+                d.pending = Some(j.pending);
+                d.instance = Some(j.instance);
+            }
+            Incoming::Frame(ServerFrame::ChatMessage(m)) => {
+                let now = now_us();
+                if m.redelivery {
+                    d.redeliveries += 1;
+                }
+                if !d.seen.insert(m.id.clone()) {
+                    d.duplicates += 1;
+                    continue;
+                }
+                d.first_us.get_or_insert(now);
+                d.hist.saturating_record((now - d.t0).max(1));
+                if let Some((_, p, n)) = parse_body(&m.message) {
+                    if last_seq.get(&p).is_some_and(|l| n <= *l) {
+                        d.order_violations += 1;
+                    }
+                    last_seq.insert(p, n);
+                }
+                if ack {
+                    if let Err(e) = ws.send_raw(frames::ack(std::slice::from_ref(&m.id))).await {
+                        d.close = Some(e.to_string());
+                        break;
+                    }
+                    d.acked += 1;
+                } else {
+                    unacked.push(m.id);
+                }
+                // With acks, the drain is over when the last one is sent.
+                d.last_us = if ack { now_us() } else { now };
+            }
+            Incoming::Frame(_) | Incoming::Other => {}
+            Incoming::Closed(why) => {
+                d.close = Some(why);
+                break;
+            }
+        }
+    }
+    for chunk in unacked.chunks(1000) {
+        ws.send_raw(frames::ack(chunk)).await?;
+    }
+    let settle = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(received) = tokio::time::timeout_at(settle, ws.recv()).await {
+        match classify(received) {
+            Incoming::Frame(ServerFrame::ChatMessage(m)) => {
+                d.duplicates += u64::from(!d.seen.insert(m.id));
+            }
+            Incoming::Closed(_) => break,
+            _ => {}
+        }
+    }
+    ws.close().await;
+    Ok(d)
+}

@@ -1,0 +1,7 @@
+//! One module per scenario: its arguments and its run.
+
+pub mod drain;
+pub mod floor;
+pub mod idle;
+pub mod latency;
+pub mod throughput;

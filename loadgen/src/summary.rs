@@ -1,0 +1,302 @@
+//! `summary DIR`: the targets table (and the CPU and serverStatus tables) of a
+//! `scripts/bench` run, from the JSON files it wrote.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde_json::{json, Value};
+
+#[derive(Args)]
+pub struct SummaryArgs {
+    /// Directory holding floor.json, latency.json, throughput.json, drain.json, idle.json
+    /// (and the *.procs.json files written by scripts/bench).
+    pub dir: PathBuf,
+}
+
+pub fn load(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(name)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn f(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_f64()
+}
+
+pub const SCENARIOS: [&str; 7] = [
+    "floor",
+    "latency",
+    "throughput",
+    "drain",
+    "idle",
+    "latency-profile",
+    "throughput-profile",
+];
+
+pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
+    let dir = &args.dir;
+    let floor = load(dir, "floor.json");
+    let lat = load(dir, "latency.json");
+    let thr = load(dir, "throughput.json");
+    let drn = load(dir, "drain.json");
+    let idl = load(dir, "idle.json");
+    let idle_procs = load(dir, "idle.procs.json");
+    struct Row {
+        scenario: &'static str,
+        target: String,
+        measured: String,
+        met: Option<bool>,
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let clean = |v: &Value| -> (String, bool) {
+        let lost = f(v, &["lost"]).unwrap_or(f64::NAN);
+        let dup = f(v, &["duplicates"]).unwrap_or(f64::NAN);
+        (
+            format!("lost {lost}, duplicates {dup}"),
+            lost == 0.0 && dup == 0.0,
+        )
+    };
+    let fp50 = floor.as_ref().and_then(|v| f(v, &["latency_ms", "p50"]));
+    let fp99 = floor.as_ref().and_then(|v| f(v, &["latency_ms", "p99"]));
+    let frate = floor
+        .as_ref()
+        .and_then(|v| f(v, &["throughput_msgs_per_s"]));
+    if let Some(v) = &floor {
+        let (m, ok) = clean(v);
+        rows.push(Row {
+            scenario: "floor",
+            target: "reference (MongoDB alone), 0 lost".into(),
+            measured: format!(
+                "p50 {:.2} ms, p99 {:.2} ms, max rate {:.0} ev/s; {m}",
+                fp50.unwrap_or(f64::NAN),
+                fp99.unwrap_or(f64::NAN),
+                frate.unwrap_or(f64::NAN)
+            ),
+            met: Some(ok),
+        });
+    }
+    if let Some(v) = &lat {
+        let p50 = f(v, &["latency_ms", "p50"]).unwrap_or(f64::NAN);
+        let p99 = f(v, &["latency_ms", "p99"]).unwrap_or(f64::NAN);
+        let (m, ok) = clean(v);
+        let (t50, t99) = (fp50.map(|x| x + 2.0), fp99.map(|x| 3.0 * x));
+        rows.push(Row {
+            scenario: "latency p50",
+            target: format!("≤ floor p50 + 2 ms = {:.2} ms", t50.unwrap_or(f64::NAN)),
+            measured: format!("{p50:.2} ms"),
+            met: t50.map(|t| p50 <= t),
+        });
+        rows.push(Row {
+            scenario: "latency p99",
+            target: format!("≤ 3 × floor p99 = {:.2} ms", t99.unwrap_or(f64::NAN)),
+            measured: format!(
+                "{p99:.2} ms (p99.9 {:.2}, max {:.2})",
+                f(v, &["latency_ms", "p999"]).unwrap_or(f64::NAN),
+                f(v, &["latency_ms", "max"]).unwrap_or(f64::NAN)
+            ),
+            met: t99.map(|t| p99 <= t),
+        });
+        rows.push(Row {
+            scenario: "latency loss",
+            target: "0 lost, 0 duplicates".into(),
+            measured: format!(
+                "{m} ({} received of {} accepted)",
+                f(v, &["received"]).unwrap_or(0.0),
+                f(v, &["accepted"]).unwrap_or(0.0)
+            ),
+            met: Some(ok),
+        });
+    }
+    if let Some(v) = &thr {
+        let rate = f(v, &["throughput_msgs_per_s"]).unwrap_or(f64::NAN);
+        let target = frate.map(|r| 0.7 * r);
+        rows.push(Row {
+            scenario: "throughput",
+            target: format!(
+                "≥ 70 % of floor rate = {:.0} msg/s",
+                target.unwrap_or(f64::NAN)
+            ),
+            measured: format!(
+                "{rate:.0} msg/s ({:.0} % of floor)",
+                frate.map(|r| 100.0 * rate / r).unwrap_or(f64::NAN)
+            ),
+            met: target.map(|t| rate >= t),
+        });
+        let (m, ok) = clean(v);
+        rows.push(Row {
+            scenario: "throughput loss",
+            target: "0 lost, 0 duplicates".into(),
+            measured: m,
+            met: Some(ok),
+        });
+    }
+    if let Some(v) = &drn {
+        let ms = f(v, &["extra", "drain_ms"]).unwrap_or(f64::NAN);
+        let n = f(v, &["params", "messages"]).unwrap_or(f64::NAN);
+        let acked = match v.pointer("/params/ack") {
+            Some(Value::Bool(true)) => "; each message acked as it was read",
+            _ => "",
+        };
+        rows.push(Row {
+            scenario: "drain",
+            target: format!("{n} pending → joining socket ≤ 250 ms"),
+            measured: format!(
+                "{ms:.1} ms (joined after {:.1} ms{acked})",
+                f(v, &["extra", "joined_ms"]).unwrap_or(f64::NAN)
+            ),
+            met: Some(ms <= 250.0),
+        });
+        let (m, ok) = clean(v);
+        let order = f(v, &["order_violations"]).unwrap_or(f64::NAN);
+        let received = f(v, &["received"]).unwrap_or(0.0);
+        rows.push(Row {
+            scenario: "drain order/loss",
+            target: "all, in order, 0 lost, 0 duplicates".into(),
+            measured: format!("received {received} of {n}, order violations {order}, {m}"),
+            met: Some(ok && order == 0.0 && received == n),
+        });
+    }
+    if let Some(v) = &idl {
+        let ran = f(v, &["params", "connections"]).unwrap_or(f64::NAN);
+        // scripts/bench caps the count to the open-files limit; the target is what was asked.
+        let want = idle_procs
+            .as_ref()
+            .and_then(|p| f(p, &["requested"]))
+            .unwrap_or(ran);
+        let fd_note = match idle_procs.as_ref().and_then(|p| f(p, &["fd_hard_limit"])) {
+            Some(l) if ran < want => format!(" (capped to {ran}: RLIMIT_NOFILE hard limit {l})"),
+            _ => String::new(),
+        };
+        let joined = f(v, &["extra", "joined"]).unwrap_or(0.0);
+        // Prefer scripts/bench's own samples of the instance's VmRSS.
+        let per = idle_procs
+            .as_ref()
+            .and_then(|p| f(p, &["rss_growth_bytes_per_conn"]))
+            .or_else(|| f(v, &["extra", "server_rss_growth_bytes_per_conn"]));
+        rows.push(Row {
+            scenario: "idle joined",
+            target: format!("{want} joined connections on one instance"),
+            measured: format!(
+                "{joined} joined in {:.1} s, {} dropped{fd_note}",
+                f(v, &["extra", "connect_s"]).unwrap_or(f64::NAN),
+                f(v, &["extra", "dropped_while_held"]).unwrap_or(f64::NAN)
+            ),
+            met: Some(joined == want),
+        });
+        rows.push(Row {
+            scenario: "idle memory",
+            target: "≤ 12 KiB RSS growth per connection".into(),
+            measured: match per {
+                Some(b) => format!("{:.2} KiB per connection", b / 1024.0),
+                None => "not sampled".into(),
+            },
+            met: per.map(|b| b <= 12.0 * 1024.0),
+        });
+    }
+    let mut text = String::new();
+    text.push_str("| scenario | target | measured | met |\n|---|---|---|---|\n");
+    for r in &rows {
+        text.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.scenario,
+            r.target,
+            r.measured,
+            match r.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "n/a",
+            }
+        ));
+    }
+    // Where the CPU went in each scenario (scripts/bench's /proc samples).
+    let mut res = String::new();
+    for scen in SCENARIOS {
+        let Some(p) = load(dir, &format!("{scen}.procs.json")) else {
+            continue;
+        };
+        let cpu = |name: &str| f(&p, &["processes", name, "cpu_s"]);
+        let peak = |name: &str| f(&p, &["processes", name, "peak_rss_kib"]);
+        let wall = f(&p, &["wall_s"]).unwrap_or(f64::NAN);
+        let cap = wall * f(&p, &["nproc"]).unwrap_or(f64::NAN);
+        let busy = f(&p, &["machine_busy_s"]).unwrap_or(f64::NAN);
+        let lg = load(dir, &format!("{scen}.json"))
+            .and_then(|v| f(&v, &["loadgen_cpu_s"]))
+            .unwrap_or(0.0);
+        let ours = ["mongod", "msgbuf-a", "msgbuf-b"]
+            .iter()
+            .filter_map(|n| cpu(n))
+            .sum::<f64>()
+            + lg;
+        let show = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+        let mib = |v: Option<f64>| {
+            v.map(|x| format!("{:.0}", x / 1024.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        res.push_str(&format!(
+            "| {scen} | {wall:.1} | {} | {} | {} | {lg:.1} | {:.1} | {busy:.1} of {cap:.1} | {} / {} / {} |\n",
+            show(cpu("mongod")),
+            show(cpu("msgbuf-a")),
+            show(cpu("msgbuf-b")),
+            busy - ours,
+            mib(peak("mongod")),
+            mib(peak("msgbuf-a")),
+            mib(peak("msgbuf-b")),
+        ));
+    }
+    // What mongod was asked to do, per message received.
+    let mut mon = String::new();
+    for scen in SCENARIOS {
+        let Some(m) = load(dir, &format!("{scen}.mongo.json")) else {
+            continue;
+        };
+        let g = |k: &str| m.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        let msgs = load(dir, &format!("{scen}.json"))
+            .and_then(|v| f(&v, &["received"]))
+            .unwrap_or(f64::NAN);
+        let per = |x: f64| if msgs > 0.0 { x / msgs } else { f64::NAN };
+        let writes = g("opLatencies.writes.ops");
+        mon.push_str(&format!(
+            "| {scen} | {msgs:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} |\n",
+            per(g("metrics.commands.insert.total")),
+            per(g("metrics.document.inserted")),
+            per(g("metrics.commands.update.total") + g("metrics.commands.findAndModify.total")),
+            per(g("metrics.document.updated")),
+            per(g("metrics.commands.getMore.total")),
+            per(g("metrics.queryExecutor.scannedObjects")),
+            if writes > 0.0 { g("opLatencies.writes.latency") / writes / 1000.0 } else { f64::NAN },
+            per(g("wiredTiger.log.log sync operations")) * 1000.0,
+            g("wiredTiger.cache.pages evicted by application threads"),
+            g("wiredTiger.thread-yield.application thread time waiting for cache (usecs)") / 1e6,
+        ));
+    }
+    if !mon.is_empty() {
+        text.push_str(
+            "\nmongod serverStatus deltas during each scenario, per message received (floor: per change event):\n\n\
+             | scenario | messages | insert cmds | docs inserted | update cmds | docs updated | getMores | docs scanned | avg write op ms | journal syncs per 1000 | pages evicted by app threads | app wait for cache s |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        text.push_str(&mon);
+    }
+    if !res.is_empty() {
+        text.push_str(
+            "\nCPU seconds per process during each scenario; peak RSS in MiB (sampled every 0.25 s):\n\n\
+             | scenario | wall s | mongod | msgbuf-a | msgbuf-b | loadgen | other processes | machine busy | peak RSS mongod / a / b |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+        );
+        text.push_str(&res);
+    }
+    print!("{text}");
+    std::fs::write(dir.join("summary.md"), &text)?;
+    let json_rows: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({"scenario": r.scenario, "target": r.target, "measured": r.measured, "met": r.met}))
+        .collect();
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(&json_rows)? + "\n",
+    )?;
+    Ok(())
+}
