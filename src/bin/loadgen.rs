@@ -38,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// Server selection timeout of the load generator's own MongoDB client (setup and audits).
+const MONGODB_TIMEOUT: Duration = Duration::from_secs(15);
+
 // ---------------------------------------------------------------------------------------
 // Command line
 
@@ -1518,7 +1521,7 @@ async fn explain_drain(uri: &str, db: &str, user: &str) -> anyhow::Result<Value>
                "totalDocsExamined": num("totalDocsExamined"),
                "executionTimeMillis": num("executionTimeMillis")})
     };
-    let client = msgbuf::mongo::connect_replica_set(uri).await?;
+    let client = msgbuf::mongo::connect_replica_set(uri, MONGODB_TIMEOUT).await?;
     let database = client.database(db);
     let filter = Store::pending_filter(user, Duration::from_secs(30));
     let find = database
@@ -1708,7 +1711,7 @@ async fn floor(args: FloorArgs) -> anyhow::Result<()> {
     use mongodb::bson::doc;
     use msgbuf::store::{BufferedMessage, Store};
 
-    let client = msgbuf::mongo::connect_replica_set(&args.mongodb_uri).await?;
+    let client = msgbuf::mongo::connect_replica_set(&args.mongodb_uri, MONGODB_TIMEOUT).await?;
     let db_name = format!("msgbuf_floor_{}", std::process::id());
     let db = client.database(&db_name);
     let store = Store::new(db.clone());
@@ -2032,7 +2035,7 @@ async fn mongo_stats(args: MongoStatsArgs) -> anyhow::Result<()> {
             _ => None,
         }
     }
-    let client = msgbuf::mongo::connect_replica_set(&args.mongodb_uri).await?;
+    let client = msgbuf::mongo::connect_replica_set(&args.mongodb_uri, MONGODB_TIMEOUT).await?;
     let status = client
         .database("admin")
         .run_command(doc! {"serverStatus": 1})

@@ -164,7 +164,7 @@ impl ReplicaSet {
     }
 
     pub async fn client(&self) -> Client {
-        msgbuf::mongo::connect_replica_set(&self.uri)
+        msgbuf::mongo::connect_replica_set(&self.uri, Duration::from_secs(5))
             .await
             .expect("connect")
     }
@@ -363,10 +363,12 @@ pub struct Instance {
 
 impl Instance {
     pub async fn start(config: Config) -> Instance {
-        let client =
-            msgbuf::mongo::connect_replica_set(config.mongodb_uri.as_deref().expect("uri"))
-                .await
-                .expect("connect");
+        let client = msgbuf::mongo::connect_replica_set(
+            config.mongodb_uri.as_deref().expect("uri"),
+            config.mongodb_timeout,
+        )
+        .await
+        .expect("connect");
         let shutdown = CancellationToken::new();
         let server = Server::start(config, client, shutdown.clone())
             .await
