@@ -4,7 +4,9 @@
 mod common;
 
 mod api;
+mod auth;
 mod delivery;
+mod embedded;
 mod faults;
 mod harness;
 mod hostile;
