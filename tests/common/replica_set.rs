@@ -1,16 +1,21 @@
 //! A fresh replica set per test: Docker containers by default, `mongod` processes with
 //! `MSGBUF_TEST_BACKEND=process`, or an external set with `MSGBUF_TEST_MONGODB_URI`.
 //!
-//! Docker: testcontainers' async runner talks to the daemon's API through `DOCKER_HOST` or
-//! `/var/run/docker.sock` (Docker Engine 20.10+ / API 1.41+: Debian 12's `docker.io`, where it
-//! was measured, or Docker Desktop); `kill` of a member also runs the `docker` CLI (SIGKILL,
-//! which the API client has no call for). Default features are off: no TLS to the daemon.
+//! Docker: testcontainers 0.28 (async runner, default features off: no TLS to the daemon)
+//! talks to the daemon's API at `DOCKER_HOST` or `/var/run/docker.sock`; `kill` of a member runs
+//! the `docker` CLI (SIGKILL, which the runner has no call for). It needs Docker Engine 20.10+ /
+//! API 1.41+ (Debian 12's `docker.io`, Docker Desktop). Measured on Debian 12's 20.10.24 (API
+//! 1.41): create, start, logs, pause, unpause, stop, network create and remove all work,
+//! although a raw request at bollard's default version is refused ("client version 1.53 is
+//! too new. Maximum supported API version is 1.41"): bollard 0.21 joins absolute paths onto
+//! its `/v1.53` base URL, which drops the prefix, so the daemon answers at its own version.
 //!
 //! Networking: a 1-member set runs on a user-defined bridge network ([`TEST_NETWORK`],
-//! created by testcontainers) with its port mapped to a free loopback port, and clients use
-//! `directConnection=true`, so it needs no host networking (where the daemon cannot create
-//! the network, it falls back to host networking and says so). A 3-member set uses host networking: its members must reach
-//! each other and the client at the same `host:port` as the one in the set's config.
+//! created by testcontainers) with its port published on a free loopback port, and clients
+//! use `directConnection=true`: no host networking (where the daemon cannot create the
+//! network, the harness says so and falls back to host networking). A 3-member set uses host
+//! networking: members and clients must reach each member at the `host:port` in the set's
+//! config.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
