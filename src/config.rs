@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::{Auth, KeyError, INSECURE_DEV_SECRET};
+
 /// Settings of `msgbuf serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
@@ -22,9 +24,14 @@ pub struct Config {
     #[arg(long, env = "MSGBUF_BIND", default_value = "127.0.0.1:8080")]
     pub bind: SocketAddr,
 
-    /// HS256 secret for JWTs. Required unless `--insecure-dev`.
+    /// HS256 secret for JWTs. Required unless `--insecure-dev` or a public key is given.
     #[arg(long, env = "MSGBUF_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// PEM public key of the identity provider that signs tokens (RSA → RS256, EC P-256 →
+    /// ES256, Ed25519 → EdDSA), instead of `MSGBUF_JWT_SECRET`.
+    #[arg(long, env = "MSGBUF_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
 
     /// When set, tokens must carry this `aud`.
     #[arg(long, env = "MSGBUF_JWT_AUDIENCE")]
@@ -99,6 +106,10 @@ pub struct Config {
     /// client stopped reading; its messages wait in MongoDB).
     #[arg(long, env = "MSGBUF_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub write_timeout: Duration,
+    /// How long a MongoDB operation waits for a usable server (the driver's server
+    /// selection timeout): a frozen or unreachable MongoDB answers `unavailable` after this.
+    #[arg(long, env = "MSGBUF_MONGODB_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub mongodb_timeout: Duration,
 
     /// Upper bound on graceful shutdown.
     #[arg(long, env = "MSGBUF_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
@@ -118,17 +129,53 @@ pub struct Config {
 }
 
 impl Config {
-    /// Settings with every default and the given replica set; the base of tests and tools.
+    /// Settings with every default and the given replica set, ignoring the environment (a
+    /// developer's `MSGBUF_*` variables must not change what a test runs); the base of tests.
     pub fn with_uri(uri: &str, db: &str) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
         #[derive(clap::Parser)]
         struct Wrap {
             #[command(flatten)]
             config: Config,
         }
-        let mut config = <Wrap as clap::Parser>::parse_from(["msgbuf"]).config;
+        let command = Wrap::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command
+            .try_get_matches_from(["msgbuf"])
+            .expect("every setting has a default");
+        let mut config = Wrap::from_arg_matches(&matches)
+            .expect("defaults parse")
+            .config;
         config.mongodb_uri = Some(uri.to_owned());
         config.db = db.to_owned();
         config
+    }
+
+    /// The token verifier: the public key, the secret, or (dev mode only) the public
+    /// development secret.
+    pub fn verifier(&self) -> Result<Auth, ConfigError> {
+        let (audience, issuer) = (self.jwt_audience.clone(), self.jwt_issuer.clone());
+        let secret = self.jwt_secret.as_deref().filter(|s| !s.is_empty());
+        match (&self.jwt_public_key_file, secret) {
+            (Some(_), Some(_)) => Err(ConfigError::SecretAndPublicKey),
+            (Some(_), None) if self.insecure_dev => Err(ConfigError::InsecureDevAndPublicKey),
+            (Some(file), None) => {
+                let path = file.display().to_string();
+                let pem = std::fs::read(file).map_err(|source| ConfigError::KeyFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                let auth = Auth::from_public_key_pem(&pem, audience, issuer)
+                    .map_err(|source| ConfigError::BadKey { path, source })?;
+                tracing::info!(algorithm = ?auth.algorithm(), key = %file.display(), "verifying tokens with a public key");
+                Ok(auth)
+            }
+            (None, Some(secret)) => Ok(Auth::new(secret, audience, issuer)),
+            (None, None) if self.insecure_dev => {
+                tracing::warn!("--insecure-dev: using the public development JWT secret and enabling /dev/token; never use this in production");
+                Ok(Auth::new(INSECURE_DEV_SECRET, audience, issuer))
+            }
+            (None, None) => Err(ConfigError::NoKey),
+        }
     }
 
     /// The instance id, defaulting to host name + pid.
@@ -144,8 +191,98 @@ impl Config {
     }
 }
 
+/// A setting that parses but cannot be used; each names its variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "MSGBUF_JWT_SECRET and MSGBUF_JWT_PUBLIC_KEY_FILE are both set: tokens are verified with \
+         exactly one key; unset one of them"
+    )]
+    SecretAndPublicKey,
+    #[error(
+        "--insecure-dev (MSGBUF_INSECURE_DEV) mints tokens with the public development secret and \
+         cannot be combined with MSGBUF_JWT_PUBLIC_KEY_FILE"
+    )]
+    InsecureDevAndPublicKey,
+    #[error(
+        "MSGBUF_JWT_SECRET is not set: set it (e.g. `export MSGBUF_JWT_SECRET=$(openssl rand -hex 32)`), \
+         or MSGBUF_JWT_PUBLIC_KEY_FILE to your identity provider's PEM public key, or pass \
+         --insecure-dev for local development"
+    )]
+    NoKey,
+    #[error("MSGBUF_JWT_PUBLIC_KEY_FILE={path}: {source}")]
+    KeyFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("MSGBUF_JWT_PUBLIC_KEY_FILE={path}: {source}")]
+    BadKey { path: String, source: KeyError },
+}
+
 /// Durations are written like `30s`, `250ms`, `7days`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{e} (write durations like 30s, 5m, 24h, 7days)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::with_uri("mongodb://127.0.0.1:1/", "t")
+    }
+
+    #[test]
+    fn test_settings_ignore_the_environment() {
+        // No other test reads this variable; the value would fail to parse if it were read.
+        std::env::set_var("MSGBUF_CLEANUP_FIRST_RUN", "not a duration");
+        let c = config();
+        std::env::remove_var("MSGBUF_CLEANUP_FIRST_RUN");
+        assert_eq!(c.cleanup_first_run, Duration::from_secs(30));
+        assert_eq!(c.mongodb_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_verifier_is_the_secret_or_the_public_key_never_both() {
+        let key = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/jwt/ec-public.pem"
+        );
+        let mut c = config();
+        assert!(matches!(c.verifier(), Err(ConfigError::NoKey)));
+        c.jwt_secret = Some("s3cret".into());
+        assert_eq!(
+            c.verifier().expect("secret").algorithm(),
+            jsonwebtoken::Algorithm::HS256
+        );
+        c.jwt_public_key_file = Some(key.into());
+        let both = c.verifier().err().expect("both set is refused");
+        assert!(matches!(both, ConfigError::SecretAndPublicKey));
+        assert!(both
+            .to_string()
+            .contains("MSGBUF_JWT_SECRET and MSGBUF_JWT_PUBLIC_KEY_FILE"));
+        c.jwt_secret = None;
+        assert_eq!(
+            c.verifier().expect("public key").algorithm(),
+            jsonwebtoken::Algorithm::ES256
+        );
+        c.insecure_dev = true;
+        assert!(matches!(
+            c.verifier(),
+            Err(ConfigError::InsecureDevAndPublicKey)
+        ));
+        c.jwt_public_key_file = Some("/nonexistent/key.pem".into());
+        c.insecure_dev = false;
+        let missing = c.verifier().err().expect("unreadable file");
+        assert!(missing
+            .to_string()
+            .starts_with("MSGBUF_JWT_PUBLIC_KEY_FILE=/nonexistent/key.pem"));
+        c.jwt_public_key_file = None;
+        c.insecure_dev = true;
+        assert!(
+            c.verifier().is_ok(),
+            "dev mode: the public development secret"
+        );
+    }
 }

@@ -56,6 +56,8 @@ enum Command {
     MongoPrimary {
         #[arg(long, env = "MSGBUF_MONGODB_URI")]
         uri: String,
+        #[arg(long, env = "MSGBUF_MONGODB_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// Exit 0 when the URL answers HTTP 200 (container health checks).
     Healthcheck {
@@ -125,8 +127,8 @@ async fn main() -> anyhow::Result<()> {
             println!("replica set {set_name} has a PRIMARY");
             Ok(())
         }
-        Command::MongoPrimary { uri } => {
-            println!("{}", mongo::primary_of(&uri).await?);
+        Command::MongoPrimary { uri, timeout } => {
+            println!("{}", mongo::primary_of(&uri, timeout).await?);
             Ok(())
         }
         Command::Healthcheck { url } => healthcheck(&url),
@@ -142,28 +144,15 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let (uri, embedded) = match &config.mongodb_uri {
+    let (uri, supervisor) = match &config.mongodb_uri {
         Some(uri) => (uri.clone(), None),
         None => {
-            let Some(mongod) = mongo::find_mongod(config.mongod.as_deref()) else {
-                bail!(
-                    "no MSGBUF_MONGODB_URI and no mongod found (MSGBUF_MONGOD, PATH, .local/mongodb): \
-                     run scripts/setup-mongod, or point MSGBUF_MONGODB_URI at a replica set"
-                );
-            };
-            let managed =
-                EmbeddedMongod::start(&mongod, &config.data_dir, config.embedded_port).await?;
-            tracing::info!(
-                mongod = %mongod.display(),
-                data = %config.data_dir.display(),
-                uri = managed.uri(),
-                "no MSGBUF_MONGODB_URI: running a managed single-node replica set"
-            );
-            (managed.uri().to_owned(), Some(managed))
+            let managed = start_embedded(&config).await?;
+            (managed.uri(), Some(managed.supervise(shutdown.clone())))
         }
     };
     let result = async {
-        let client = mongo::connect_replica_set(&uri).await?;
+        let client = mongo::connect_replica_set(&uri, config.mongodb_timeout).await?;
         let server = Server::start(config, client, shutdown.clone()).await?;
         let signal = shutdown.clone();
         tokio::spawn(async move {
@@ -174,10 +163,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         server.run().await
     }
     .await;
-    if let Some(managed) = embedded {
-        managed.stop().await;
-    }
-    result
+    // mongod stops after the service: the final checkpoint still needs it.
+    let supervised = match supervisor {
+        Some(supervisor) => supervisor.stop().await,
+        None => Ok(()),
+    };
+    // A supervisor that gave up is why the service stopped: report that first.
+    supervised.and(result)
+}
+
+async fn start_embedded(config: &Config) -> anyhow::Result<EmbeddedMongod> {
+    let Some(mongod) = mongo::find_mongod(config.mongod.as_deref()) else {
+        bail!(
+            "no MSGBUF_MONGODB_URI and no mongod found (MSGBUF_MONGOD, PATH, .local/mongodb): \
+             run scripts/setup-mongod, or point MSGBUF_MONGODB_URI at a replica set"
+        );
+    };
+    let managed = EmbeddedMongod::start(&mongod, &config.data_dir, config.embedded_port).await?;
+    tracing::info!(
+        mongod = %mongod.display(),
+        pid = managed.pid(),
+        data = %config.data_dir.display(),
+        uri = %managed.uri(),
+        "no MSGBUF_MONGODB_URI: running a managed single-node replica set"
+    );
+    Ok(managed)
 }
 
 async fn wait_for_signal() {

@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Auth, INSECURE_DEV_SECRET};
 use crate::cleanup::Cleanup;
 use crate::config::Config;
 use crate::delivery::{self, Delivery, Sweeper};
@@ -87,21 +86,7 @@ impl Server {
         client: mongodb::Client,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Server> {
-        let secret = match (&config.jwt_secret, config.insecure_dev) {
-            (Some(s), _) if !s.is_empty() => s.clone(),
-            (_, true) => {
-                tracing::warn!("--insecure-dev: using the public development JWT secret and enabling /dev/token; never use this in production");
-                INSECURE_DEV_SECRET.to_owned()
-            }
-            _ => anyhow::bail!(
-                "MSGBUF_JWT_SECRET is not set: set it (e.g. `export MSGBUF_JWT_SECRET=$(openssl rand -hex 32)`), or pass --insecure-dev for local development"
-            ),
-        };
-        let auth = Auth::new(
-            &secret,
-            config.jwt_audience.clone(),
-            config.jwt_issuer.clone(),
-        );
+        let auth = config.verifier()?;
         let instance: Arc<str> = config.instance_id().into();
         let store = Store::new(client.database(&config.db));
         prepare_collection(&store, &config).await?;

@@ -151,7 +151,13 @@ async fn every_socket_of_the_receiver_gets_a_live_message_and_one_claim_is_recor
     })
     .await;
     assert!(["A", "B"].contains(&d.get_str("deliveredBy").expect("deliveredBy")));
-    let claimed: f64 = [&a, &b].iter().map(|i| delivered_live(&i.state)).sum();
+    // The counter moves once the claim's write returns, which can be after the document
+    // reads as delivered.
+    let claimed = wait_for("the claim counted", T, || async {
+        let claimed: f64 = [&a, &b].iter().map(|i| delivered_live(&i.state)).sum();
+        (claimed > 0.0).then_some(claimed)
+    })
+    .await;
     assert_eq!(claimed, 1.0, "exactly one claim recorded across instances");
 }
 

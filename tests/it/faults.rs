@@ -56,7 +56,10 @@ async fn kill_9_of_one_of_two_instances_during_traffic_loses_nothing() {
 #[tokio::test]
 async fn primary_step_down_and_kill_9_of_the_primary_during_traffic_loses_nothing() {
     let mut rs = ReplicaSet::start(3).await;
-    if rs.is_external() {
+    if skip_external(
+        &rs,
+        "primary_step_down_and_kill_9_of_the_primary_during_traffic_loses_nothing",
+    ) {
         return;
     }
     let (a, b) = pair(&rs, &db_name("fault_failover")).await;
@@ -88,7 +91,10 @@ async fn primary_step_down_and_kill_9_of_the_primary_during_traffic_loses_nothin
 #[tokio::test]
 async fn mongodb_down_for_ten_seconds_turns_readyz_503_then_200_and_loses_nothing() {
     let mut rs = ReplicaSet::start(1).await;
-    if rs.is_external() {
+    if skip_external(
+        &rs,
+        "mongodb_down_for_ten_seconds_turns_readyz_503_then_200_and_loses_nothing",
+    ) {
         return;
     }
     let db = db_name("fault_outage");
@@ -252,7 +258,10 @@ async fn a_resume_token_older_than_the_oplog_is_detected_rescanned_and_loses_not
         ],
     )
     .await;
-    if rs.is_external() {
+    if skip_external(
+        &rs,
+        "a_resume_token_older_than_the_oplog_is_detected_rescanned_and_loses_nothing",
+    ) {
         return;
     }
     let db = db_name("fault_history_lost");
@@ -347,7 +356,10 @@ async fn a_resume_token_older_than_the_oplog_is_detected_rescanned_and_loses_not
 #[tokio::test]
 async fn killed_cursors_and_failed_get_mores_resume_and_push_every_insert() {
     let rs = ReplicaSet::start(1).await;
-    if rs.is_external() {
+    if skip_external(
+        &rs,
+        "killed_cursors_and_failed_get_mores_resume_and_push_every_insert",
+    ) {
         return;
     }
     let db = db_name("fault_failpoints");
@@ -623,4 +635,88 @@ async fn a_receiver_joining_while_hundreds_arrive_gets_each_once_in_order() {
         s.await.expect("sender");
     }
     println!("RELIABILITY | receiver joins while 600 messages from 3 senders arrive | 600 | 600 | 600 | 0 | 0 | 0 | 0 | - |");
+}
+
+#[tokio::test]
+async fn a_frozen_mongodb_answers_unavailable_within_seconds_and_the_retry_keeps_its_id() {
+    let rs = ReplicaSet::start(1).await;
+    if skip_external(
+        &rs,
+        "a_frozen_mongodb_answers_unavailable_within_seconds_and_the_retry_keeps_its_id",
+    ) {
+        return;
+    }
+    let db = db_name("fault_frozen");
+    // The default MSGBUF_MONGODB_TIMEOUT (5 s).
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let mut alice = a.connect("alice").await;
+    alice
+        .chat("bob", "c", "warm-up", Some("w-1"))
+        .await
+        .expect("send");
+    alice.expect("message_accepted", T).await.expect("accepted");
+
+    rs.freeze(0).await;
+    let started = Instant::now();
+    alice
+        .chat("bob", "c", "while frozen", Some("f-1"))
+        .await
+        .expect("send");
+    let answer = alice
+        .next_event(Duration::from_secs(30))
+        .await
+        .expect("an answer");
+    let waited = started.elapsed();
+    println!("frozen MongoDB: {} after {waited:?}", answer.data);
+    assert_eq!(answer.event, "error", "{}", answer.data);
+    assert_eq!(answer.data["code"], "unavailable");
+    assert_eq!(answer.data["clientMsgId"], "f-1");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    let ready = a.http("/readyz");
+    wait_for("/readyz 503 while frozen", T, || async {
+        (http_get(&ready, None).await.0 == 503).then_some(())
+    })
+    .await;
+
+    rs.thaw(0).await;
+    // The frozen attempt may have been stored after all: the retry must find it, not add one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        assert!(Instant::now() < deadline, "the retry was never accepted");
+        alice
+            .chat("bob", "c", "while frozen", Some("f-1"))
+            .await
+            .expect("send");
+        let ev = alice.next_event(T).await.expect("an answer");
+        if ev.event == "message_accepted" {
+            break id_of(&ev.data);
+        }
+        assert_eq!(ev.data["code"], "unavailable", "{}", ev.data);
+        // Retry pacing until MongoDB answers again (not a synchronisation).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stored: Vec<Document> = {
+        use futures::TryStreamExt;
+        messages(&rs, &db)
+            .await
+            .find(doc! {"sender": "alice", "clientMsgId": "f-1"})
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("docs")
+    };
+    assert_eq!(stored.len(), 1, "one document for the clientMsgId");
+    assert_eq!(
+        stored[0].get_object_id("_id").expect("_id").to_hex(),
+        id,
+        "the retry answers with the stored id"
+    );
+    wait_for("/readyz 200 after thaw", T, || async {
+        (http_get(&ready, None).await.0 == 200).then_some(())
+    })
+    .await;
 }

@@ -37,7 +37,10 @@ async fn insert_and_stream_then_step_down(rs: ReplicaSet) {
 #[tokio::test]
 async fn three_member_set_streams_inserts_and_elects_a_new_primary() {
     let rs = ReplicaSet::start(3).await;
-    if rs.is_external() {
+    if skip_external(
+        &rs,
+        "three_member_set_streams_inserts_and_elects_a_new_primary",
+    ) {
         return;
     }
     insert_and_stream_then_step_down(rs).await;
@@ -65,7 +68,7 @@ async fn serve_refuses_a_standalone_mongod() {
         .stdout(Stdio::null())
         .spawn()
         .expect("mongod");
-    let output = Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+    let output = msgbuf_command()
         .arg("serve")
         .env(
             "MSGBUF_MONGODB_URI",
@@ -86,68 +89,24 @@ async fn serve_refuses_a_standalone_mongod() {
 }
 
 #[tokio::test]
-async fn embedded_default_runs_stops_cleanly_and_keeps_its_data() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("mongo");
-    let mongo_port = free_port();
-    let start = || {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_msgbuf"))
-            .args(["serve", "--insecure-dev"])
-            .env_remove("MSGBUF_MONGODB_URI")
-            .env("MSGBUF_MONGOD", mongod_path())
-            .env("MSGBUF_DATA_DIR", &data)
-            .env("MSGBUF_EMBEDDED_PORT", mongo_port.to_string())
-            .env("MSGBUF_BIND", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("msgbuf serve");
-        (child, format!("http://127.0.0.1:{port}"))
-    };
-    let dev = msgbuf::Auth::new(msgbuf::INSECURE_DEV_SECRET, None, None);
-    let alice = dev
-        .mint("alice", false, Duration::from_secs(600))
-        .expect("token");
-    let bob = dev
-        .mint("bob", false, Duration::from_secs(600))
-        .expect("token");
-
-    let (mut child, base) = start();
-    wait_for("embedded /readyz", Duration::from_secs(90), || async {
-        (http_get(&format!("{base}/readyz"), None).await.0 == 200).then_some(())
-    })
-    .await;
-    assert_eq!(http_get(&format!("{base}/healthz"), None).await.0, 200);
-    let (status, _) = http(
-        "POST",
-        &format!("{base}/api/messages"),
-        Some(&alice),
-        Some(r#"{"to":"bob","chatId":"c","message":"kept"}"#),
-    )
-    .await;
-    assert_eq!(status, 201);
-    sigterm_and_wait(&mut child, Duration::from_secs(20)).await;
+async fn srv_uris_are_parsed_and_fail_only_on_dns() {
+    // No DNS here: the resolver is built in, so the lookup itself is what fails.
+    let uri = "mongodb+srv://cluster0.example.invalid/?retryWrites=true";
+    let err = mongodb::options::ClientOptions::parse(uri)
+        .await
+        .expect_err("no DNS");
     assert!(
-        std::net::TcpStream::connect(("127.0.0.1", mongo_port)).is_err(),
-        "managed mongod stopped with msgbuf"
+        matches!(*err.kind, mongodb::error::ErrorKind::DnsResolve { .. }),
+        "a DNS error, not a disabled feature: {err}"
     );
-
-    let (mut child, base) = start();
-    wait_for(
-        "embedded /readyz after restart",
-        Duration::from_secs(90),
-        || async { (http_get(&format!("{base}/readyz"), None).await.0 == 200).then_some(()) },
-    )
-    .await;
-    let (status, body) = http_get(&format!("{base}/api/messages/buffered/bob"), Some(&bob)).await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        json(&body)["messages"][0]["message"],
-        "kept",
-        "data survived the restart"
+    let err = msgbuf::mongo::connect_replica_set(uri, Duration::from_secs(2))
+        .await
+        .expect_err("no DNS");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("MSGBUF_MONGODB_URI") && !text.contains("dns-resolver"),
+        "msgbuf names the setting and the lookup failure: {text}"
     );
-    sigterm_and_wait(&mut child, Duration::from_secs(20)).await;
 }
 
 /// SIGTERM, then waits for a zero exit within `limit`.

@@ -232,18 +232,16 @@ async fn origins_outside_the_allowed_list_are_refused() {
 #[tokio::test]
 async fn serve_refuses_to_start_without_a_secret_and_token_mints_valid_tokens() {
     let rs = ReplicaSet::start(1).await;
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+    let output = msgbuf_command()
         .arg("serve")
         .env("MSGBUF_MONGODB_URI", &rs.uri)
-        .env_remove("MSGBUF_JWT_SECRET")
-        .env_remove("MSGBUF_INSECURE_DEV")
         .env("MSGBUF_BIND", format!("127.0.0.1:{}", free_port()))
         .output()
         .expect("run");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("MSGBUF_JWT_SECRET is not set"));
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_msgbuf"))
+    let output = msgbuf_command()
         .args(["token", "carol", "--admin", "--ttl", "1h"])
         .env("MSGBUF_JWT_SECRET", SECRET)
         .output()

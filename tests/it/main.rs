@@ -6,8 +6,10 @@
 mod common;
 
 mod api;
+mod auth;
 mod contract;
 mod delivery;
+mod embedded;
 mod faults;
 mod harness;
 mod hostile;
