@@ -393,16 +393,16 @@ mod tests {
 
         let other = Auth::new("other", None, None);
         assert_eq!(
-            other.verify(&token).unwrap_err(),
+            other.verify(&token).expect_err("refused"),
             AuthError::SignatureInvalid
         );
         let payload = token.split('.').nth(1).expect("payload");
         let none = format!("{}.{payload}.", b64(br#"{"alg":"none","typ":"JWT"}"#));
         assert_eq!(
-            auth.verify(&none).unwrap_err(),
+            auth.verify(&none).expect_err("refused"),
             AuthError::AlgorithmNotAllowed
         );
-        assert_eq!(auth.verify("garbage").unwrap_err(), AuthError::Malformed);
+        assert_eq!(auth.verify("garbage").expect_err("refused"), AuthError::Malformed);
         // Correctly signed, but the payload is not JSON.
         let message = format!("{}.{}", b64(br#"{"alg":"HS256"}"#), b64(b"not json"));
         let signature = jsonwebtoken::crypto::sign(
@@ -412,15 +412,15 @@ mod tests {
         )
         .expect("sign");
         assert_eq!(
-            auth.verify(&format!("{message}.{signature}")).unwrap_err(),
+            auth.verify(&format!("{message}.{signature}")).expect_err("refused"),
             AuthError::Malformed
         );
 
         let key = EncodingKey::from_secret(b"s3cret");
         let expired = sign(Algorithm::HS256, &key, &claims_at(-3600));
-        assert_eq!(auth.verify(&expired).unwrap_err(), AuthError::Expired);
+        assert_eq!(auth.verify(&expired).expect_err("refused"), AuthError::Expired);
         let no_exp = sign(Algorithm::HS256, &key, &json!({"sub": "alice"}));
-        assert_eq!(auth.verify(&no_exp).unwrap_err(), AuthError::MissingExp);
+        assert_eq!(auth.verify(&no_exp).expect_err("refused"), AuthError::MissingExp);
         assert_eq!(AuthError::MissingExp.to_string(), "token missing exp");
     }
 
@@ -437,7 +437,7 @@ mod tests {
             &key,
             &claims(json!({"nbf": unix_now() + LEEWAY_SECS + 60})),
         );
-        assert_eq!(auth.verify(&later).unwrap_err(), AuthError::NotYetValid);
+        assert_eq!(auth.verify(&later).expect_err("refused"), AuthError::NotYetValid);
         let now = sign(Algorithm::HS256, &key, &claims(json!({"nbf": unix_now()})));
         assert!(auth.verify(&now).is_ok());
         let just_expired = sign(
@@ -445,7 +445,7 @@ mod tests {
             &key,
             &claims_at(-(LEEWAY_SECS as i64) - 2),
         );
-        assert_eq!(auth.verify(&just_expired).unwrap_err(), AuthError::Expired);
+        assert_eq!(auth.verify(&just_expired).expect_err("refused"), AuthError::Expired);
     }
 
     #[test]
@@ -456,7 +456,7 @@ mod tests {
             &claims(json!({})),
             b"s3cret",
         );
-        assert_eq!(auth.verify(&token).unwrap_err(), AuthError::CriticalHeader);
+        assert_eq!(auth.verify(&token).expect_err("refused"), AuthError::CriticalHeader);
         let plain = with_header(json!({"alg": "HS256"}), &claims(json!({})), b"s3cret");
         assert!(auth.verify(&plain).is_ok(), "the same token without crit");
     }
@@ -471,22 +471,22 @@ mod tests {
         let key = EncodingKey::from_secret(b"s3cret");
         let no_aud = sign(Algorithm::HS256, &key, &claims(json!({"iss": "issuer-1"})));
         assert_eq!(
-            scoped.verify(&no_aud).unwrap_err(),
+            scoped.verify(&no_aud).expect_err("refused"),
             AuthError::AudienceNotAllowed
         );
         let no_iss = sign(Algorithm::HS256, &key, &claims(json!({"aud": "chat"})));
         assert_eq!(
-            scoped.verify(&no_iss).unwrap_err(),
+            scoped.verify(&no_iss).expect_err("refused"),
             AuthError::IssuerNotAllowed
         );
         let other_aud = Auth::new("s3cret", Some("other".into()), Some("issuer-1".into()));
         assert_eq!(
-            other_aud.verify(&token).unwrap_err(),
+            other_aud.verify(&token).expect_err("refused"),
             AuthError::AudienceNotAllowed
         );
         let other_iss = Auth::new("s3cret", Some("chat".into()), Some("issuer-2".into()));
         assert_eq!(
-            other_iss.verify(&token).unwrap_err(),
+            other_iss.verify(&token).expect_err("refused"),
             AuthError::IssuerNotAllowed
         );
         let many = sign(
@@ -525,17 +525,17 @@ mod tests {
             assert_eq!(auth.verify(&good).expect("verify").sub, "alice", "{alg:?}");
             let no_iss = sign(alg, &private, &claims(json!({})));
             assert_eq!(
-                auth.verify(&no_iss).unwrap_err(),
+                auth.verify(&no_iss).expect_err("refused"),
                 AuthError::IssuerNotAllowed
             );
             let no_exp = sign(alg, &private, &claims(json!({"iss": "idp", "exp": null})));
-            assert_eq!(auth.verify(&no_exp).unwrap_err(), AuthError::MissingExp);
+            assert_eq!(auth.verify(&no_exp).expect_err("refused"), AuthError::MissingExp);
             let expired = sign(
                 alg,
                 &private,
                 &claims(json!({"iss": "idp", "exp": unix_now() - 3600})),
             );
-            assert_eq!(auth.verify(&expired).unwrap_err(), AuthError::Expired);
+            assert_eq!(auth.verify(&expired).expect_err("refused"), AuthError::Expired);
 
             // Algorithm confusion: HS256 keyed with the public key's PEM, as a verifier
             // that takes the algorithm from the header would accept.
@@ -545,18 +545,18 @@ mod tests {
                 &claims(json!({"iss": "idp"})),
             );
             assert_eq!(
-                auth.verify(&confused).unwrap_err(),
+                auth.verify(&confused).expect_err("refused"),
                 AuthError::AlgorithmNotAllowed
             );
             let payload = good.split('.').nth(1).expect("payload");
             let none = format!("{}.{payload}.", b64(br#"{"alg":"none"}"#));
             assert_eq!(
-                auth.verify(&none).unwrap_err(),
+                auth.verify(&none).expect_err("refused"),
                 AuthError::AlgorithmNotAllowed
             );
             assert_eq!(
                 auth.mint("alice", false, Duration::from_secs(60))
-                    .unwrap_err(),
+                    .expect_err("refused"),
                 AuthError::CannotMint
             );
         }
@@ -568,13 +568,13 @@ mod tests {
             &claims(json!({})),
         );
         assert_eq!(
-            rsa.verify(&rs384).unwrap_err(),
+            rsa.verify(&rs384).expect_err("refused"),
             AuthError::AlgorithmNotAllowed
         );
         // A signature by another key of the right type.
         let ec = Auth::from_public_key_pem(EC_PUBLIC.as_bytes(), None, None).expect("ec");
         let by_ed = with_header(json!({"alg": "ES256"}), &claims(json!({})), b"x");
-        assert_eq!(ec.verify(&by_ed).unwrap_err(), AuthError::SignatureInvalid);
+        assert_eq!(ec.verify(&by_ed).expect_err("refused"), AuthError::SignatureInvalid);
     }
 
     #[test]
