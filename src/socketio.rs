@@ -55,8 +55,10 @@ const INBOUND_BYTES: usize = 1 << 20;
 /// session's outbox and presence queue hold the rest, bounded as for `/ws`.
 const ENGINE_BUFFER: usize = 32;
 /// socketioxide has no way to wait for room in a socket's buffer: a full one is retried
-/// after this.
+/// after this, doubled while it stays full (a client that stopped reading costs a few
+/// wake-ups a second until it is disconnected).
 const RETRY_FULL: Duration = Duration::from_millis(2);
+const RETRY_FULL_MAX: Duration = Duration::from_millis(100);
 /// How often a session that ended for a full queue retries to disconnect its socket (the
 /// disconnect packet needs room in the same full buffer).
 const RETRY_DISCONNECT: Duration = Duration::from_millis(200);
@@ -247,7 +249,7 @@ async fn disconnect(socket: Arc<Socket<LocalAdapter>>, shutdown: &CancellationTo
 /// A socket's event handler: decodes each event in socketioxide's read path (in order)
 /// and queues it for the session without waiting.
 struct Inlet {
-    tx: mpsc::Sender<(Inbound, usize)>,
+    tx: mpsc::Sender<Queued>,
     /// Bytes of the events queued on `tx`.
     queued: Arc<AtomicUsize>,
     state: Arc<AppState>,
@@ -282,12 +284,12 @@ impl MessageHandler<LocalAdapter, Inline> for Inlet {
             Some(id) => Inbound::Call(frame, id),
             None => Inbound::Frame(frame),
         };
-        match self.tx.try_send((item, size)) {
+        match self.tx.try_send(Box::new((item, size))) {
             Ok(()) => {}
             Err(e) => {
                 self.queued.fetch_sub(size, Ordering::Relaxed);
-                if let mpsc::error::TrySendError::Full((item, _)) = e {
-                    let frame = match item {
+                if let mpsc::error::TrySendError::Full(queued) = e {
+                    let frame = match queued.0 {
                         Inbound::Frame(f) | Inbound::Call(f, _) => f,
                         Inbound::End(_) => return,
                     };
@@ -351,9 +353,13 @@ fn ack_sender(s: &Arc<Socket<LocalAdapter>>, id: i64) -> AckSender<LocalAdapter>
     }
 }
 
+/// An event on its way to the session, with the bytes it counts for. Boxed: a channel
+/// allocates room for 32 items at once, in every socket, idle or not.
+type Queued = Box<(Inbound, usize)>;
+
 /// The session's side of the inbound channel.
 struct Events {
-    rx: mpsc::Receiver<(Inbound, usize)>,
+    rx: mpsc::Receiver<Queued>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -362,7 +368,8 @@ impl Stream for Events {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Inbound>> {
         self.rx.poll_recv(cx).map(|item| {
-            item.map(|(inbound, size)| {
+            item.map(|queued| {
+                let (inbound, size) = *queued;
                 self.queued.fetch_sub(size, Ordering::Relaxed);
                 inbound
             })
@@ -378,6 +385,7 @@ struct Emitter {
     pending: Option<Out>,
     /// Allocated the first time the buffer is found full.
     retry: Option<Pin<Box<Sleep>>>,
+    backoff: Duration,
 }
 
 /// The socket is gone.
@@ -396,6 +404,7 @@ impl Emitter {
             socket,
             pending: None,
             retry: None,
+            backoff: RETRY_FULL,
         }
     }
 
@@ -407,11 +416,13 @@ impl Emitter {
             match emit(&self.socket, out) {
                 Emitted::Sent => {
                     self.pending = None;
+                    self.backoff = RETRY_FULL;
                     return Poll::Ready(Ok(()));
                 }
                 Emitted::Closed => return Poll::Ready(Err(Gone)),
                 Emitted::Full => {
-                    let at = Instant::now() + RETRY_FULL;
+                    let at = Instant::now() + self.backoff;
+                    self.backoff = (self.backoff * 2).min(RETRY_FULL_MAX);
                     let retry = self
                         .retry
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
