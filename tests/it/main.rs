@@ -9,3 +9,4 @@ mod faults;
 mod harness;
 mod hostile;
 mod session;
+mod socketio;
