@@ -439,14 +439,8 @@ impl Emitter {
 /// Hands one item to socketioxide. `data` goes out as the JSON text the session encoded
 /// (a [`RawValue`]), not parsed and serialised again.
 fn emit(socket: &Arc<Socket<LocalAdapter>>, out: &Out) -> Emitted {
-    #[derive(Deserialize)]
-    struct Frame<'a> {
-        event: &'a str,
-        #[serde(borrow)]
-        data: &'a RawValue,
-    }
     let sent = match out {
-        Out::Frame(text) => match serde_json::from_str::<Frame<'_>>(text.as_str()) {
+        Out::Frame(text) => match serde_json::from_str::<V1Frame<'_>>(text.as_str()) {
             Ok(frame) => socket.emit(frame.event, frame.data),
             Err(e) => return dropped(e),
         },
@@ -461,6 +455,14 @@ fn emit(socket: &Arc<Socket<LocalAdapter>>, out: &Out) -> Emitted {
         Err(SendError::Socket(_)) => Emitted::Closed,
         Err(SendError::Serialize(e)) => dropped(e),
     }
+}
+
+/// An encoded v1 frame, split without copying.
+#[derive(Deserialize)]
+struct V1Frame<'a> {
+    event: &'a str,
+    #[serde(borrow)]
+    data: &'a RawValue,
 }
 
 /// The session encodes every item itself, so this does not happen; should it, the item is
@@ -589,13 +591,7 @@ mod tests {
             pending: 2,
         })
         .encode();
-        #[derive(Deserialize)]
-        struct Frame<'a> {
-            event: &'a str,
-            #[serde(borrow)]
-            data: &'a RawValue,
-        }
-        let parsed: Frame<'_> = serde_json::from_str(&frame).expect("a v1 frame");
+        let parsed: V1Frame<'_> = serde_json::from_str(&frame).expect("a v1 frame");
         assert_eq!(parsed.event, "joined");
         assert_eq!(
             parsed.data.get(),
