@@ -402,7 +402,10 @@ mod tests {
             auth.verify(&none).expect_err("refused"),
             AuthError::AlgorithmNotAllowed
         );
-        assert_eq!(auth.verify("garbage").expect_err("refused"), AuthError::Malformed);
+        assert_eq!(
+            auth.verify("garbage").expect_err("refused"),
+            AuthError::Malformed
+        );
         // Correctly signed, but the payload is not JSON.
         let message = format!("{}.{}", b64(br#"{"alg":"HS256"}"#), b64(b"not json"));
         let signature = jsonwebtoken::crypto::sign(
@@ -412,15 +415,22 @@ mod tests {
         )
         .expect("sign");
         assert_eq!(
-            auth.verify(&format!("{message}.{signature}")).expect_err("refused"),
+            auth.verify(&format!("{message}.{signature}"))
+                .expect_err("refused"),
             AuthError::Malformed
         );
 
         let key = EncodingKey::from_secret(b"s3cret");
         let expired = sign(Algorithm::HS256, &key, &claims_at(-3600));
-        assert_eq!(auth.verify(&expired).expect_err("refused"), AuthError::Expired);
+        assert_eq!(
+            auth.verify(&expired).expect_err("refused"),
+            AuthError::Expired
+        );
         let no_exp = sign(Algorithm::HS256, &key, &json!({"sub": "alice"}));
-        assert_eq!(auth.verify(&no_exp).expect_err("refused"), AuthError::MissingExp);
+        assert_eq!(
+            auth.verify(&no_exp).expect_err("refused"),
+            AuthError::MissingExp
+        );
         assert_eq!(AuthError::MissingExp.to_string(), "token missing exp");
     }
 
@@ -437,7 +447,10 @@ mod tests {
             &key,
             &claims(json!({"nbf": unix_now() + LEEWAY_SECS + 60})),
         );
-        assert_eq!(auth.verify(&later).expect_err("refused"), AuthError::NotYetValid);
+        assert_eq!(
+            auth.verify(&later).expect_err("refused"),
+            AuthError::NotYetValid
+        );
         let now = sign(Algorithm::HS256, &key, &claims(json!({"nbf": unix_now()})));
         assert!(auth.verify(&now).is_ok());
         let just_expired = sign(
@@ -445,7 +458,10 @@ mod tests {
             &key,
             &claims_at(-(LEEWAY_SECS as i64) - 2),
         );
-        assert_eq!(auth.verify(&just_expired).expect_err("refused"), AuthError::Expired);
+        assert_eq!(
+            auth.verify(&just_expired).expect_err("refused"),
+            AuthError::Expired
+        );
     }
 
     #[test]
@@ -456,7 +472,10 @@ mod tests {
             &claims(json!({})),
             b"s3cret",
         );
-        assert_eq!(auth.verify(&token).expect_err("refused"), AuthError::CriticalHeader);
+        assert_eq!(
+            auth.verify(&token).expect_err("refused"),
+            AuthError::CriticalHeader
+        );
         let plain = with_header(json!({"alg": "HS256"}), &claims(json!({})), b"s3cret");
         assert!(auth.verify(&plain).is_ok(), "the same token without crit");
     }
@@ -529,13 +548,19 @@ mod tests {
                 AuthError::IssuerNotAllowed
             );
             let no_exp = sign(alg, &private, &claims(json!({"iss": "idp", "exp": null})));
-            assert_eq!(auth.verify(&no_exp).expect_err("refused"), AuthError::MissingExp);
+            assert_eq!(
+                auth.verify(&no_exp).expect_err("refused"),
+                AuthError::MissingExp
+            );
             let expired = sign(
                 alg,
                 &private,
                 &claims(json!({"iss": "idp", "exp": unix_now() - 3600})),
             );
-            assert_eq!(auth.verify(&expired).expect_err("refused"), AuthError::Expired);
+            assert_eq!(
+                auth.verify(&expired).expect_err("refused"),
+                AuthError::Expired
+            );
 
             // Algorithm confusion: HS256 keyed with the public key's PEM, as a verifier
             // that takes the algorithm from the header would accept.
@@ -574,7 +599,10 @@ mod tests {
         // A signature by another key of the right type.
         let ec = Auth::from_public_key_pem(EC_PUBLIC.as_bytes(), None, None).expect("ec");
         let by_ed = with_header(json!({"alg": "ES256"}), &claims(json!({})), b"x");
-        assert_eq!(ec.verify(&by_ed).expect_err("refused"), AuthError::SignatureInvalid);
+        assert_eq!(
+            ec.verify(&by_ed).expect_err("refused"),
+            AuthError::SignatureInvalid
+        );
     }
 
     #[test]

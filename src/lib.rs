@@ -4,7 +4,8 @@
 //! Data flow: senders only insert [`BufferedMessage`]s; every instance tails one change
 //! stream (`stream`) and pushes inserts to the receiver's sockets joined on it
 //! (`presence`); the `delivered` flip is claimed atomically (`delivery`); a user who joins
-//! later is drained oldest first (`session`, behind the `/ws` transport `ws`). See
+//! later is drained oldest first (`session`, behind the transports: `ws` for protocol v1 on
+//! `/ws`, `socketio` for Socket.IO on `/socket.io/`). See
 //! `docs/ARCHITECTURE.md` for the modules and `docs/PROTOCOL.md` for the contract.
 //!
 //! The public surface is what the binaries and the tests use; everything else is private.
@@ -23,6 +24,7 @@ mod presence;
 pub mod protocol;
 mod server;
 mod session;
+mod socketio;
 mod state;
 mod store;
 mod stream;

@@ -27,7 +27,7 @@ use crate::presence::Presence;
 use crate::state::{AppState, StreamStatus};
 use crate::store::Store;
 use crate::stream::Tailer;
-use crate::{api, web, ws};
+use crate::{api, socketio, web, ws};
 
 /// The HTTP surface of an instance.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -48,14 +48,15 @@ pub fn app(state: Arc<AppState>) -> Router {
             .route("/dev/status", get(api::dev_status))
             .route("/dev/token", post(api::dev_token));
     }
-    router
+    let router = router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
-        .with_state(state)
+        .with_state(state.clone());
+    socketio::mount(router, &state)
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

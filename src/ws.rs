@@ -18,7 +18,7 @@ use crate::auth::{bearer_token, AuthError, Claims};
 use crate::error::{Error, ErrorCode};
 use crate::presence::ConnectionGuard;
 use crate::protocol;
-use crate::session::{End, Inbound, Session};
+use crate::session::{End, Inbound, Out, Session};
 use crate::state::AppState;
 
 /// Close codes (documented in docs/PROTOCOL.md).
@@ -140,15 +140,19 @@ fn read_error(e: axum::Error) -> End {
 /// The write half, taking encoded v1 frames.
 struct TextSink<S>(S);
 
-impl<S: Sink<Message> + Unpin> Sink<Utf8Bytes> for TextSink<S> {
+impl<S: Sink<Message> + Unpin> Sink<Out> for TextSink<S> {
     type Error = S::Error;
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         Pin::new(&mut self.0).poll_ready(cx)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, frame: Utf8Bytes) -> Result<(), S::Error> {
-        Pin::new(&mut self.0).start_send(Message::Text(frame))
+    fn start_send(mut self: Pin<&mut Self>, out: Out) -> Result<(), S::Error> {
+        match out {
+            Out::Frame(frame) => Pin::new(&mut self.0).start_send(Message::Text(frame)),
+            // v1 frames never ask for an answer (no `Inbound::Call`), so there is none.
+            Out::Answer(..) => Ok(()),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {

@@ -3,8 +3,9 @@
 //! send (accept with idempotency and the rate limit), ack, receipts, and the per-socket
 //! duplicate filter.
 //!
-//! A transport (protocol v1 on `/ws`: [`crate::ws`]) turns its frames into [`Inbound`]
-//! items and gives the session a sink of encoded frames; it holds no delivery rule.
+//! A transport (protocol v1 on `/ws`: [`crate::ws`]; Socket.IO: [`crate::socketio`]) turns
+//! its frames into [`Inbound`] items and gives the session a sink of [`Out`] items (encoded
+//! v1 frames, and answers to the frames that asked for one); it holds no delivery rule.
 //!
 //! The session never stops reading while it writes: reads, replies, the drain and live
 //! pushes are raced in one loop, and frames go out through a bounded [`outbox::Outbox`]
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::error::Error;
+use crate::error::WireError;
 use crate::limits::SocketLimits;
 use crate::metrics::DeliveryPath;
 use crate::presence::{ConnectionGuard, Outbound};
@@ -57,8 +59,41 @@ const STEP: usize = 128;
 pub enum Inbound {
     /// A decoded client frame, or why the frame could not be decoded.
     Frame(Result<ClientFrame, Error>),
+    /// A frame whose sender waits for its answer under `CallId` (a Socket.IO
+    /// acknowledgement callback): handled as [`Inbound::Frame`], and its answer also goes
+    /// out as [`Out::Answer`], after the frame's v1 reply.
+    Call(Result<ClientFrame, Error>, CallId),
     /// The transport ends the session.
     End(End),
+}
+
+/// The transport's name for one [`Inbound::Call`] (Socket.IO: the packet's ack id).
+pub type CallId = i64;
+
+/// What the session writes, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    /// An encoded v1 frame, `{"event", "data"}`.
+    Frame(Utf8Bytes),
+    /// The JSON answer to an [`Inbound::Call`]: the data of the frame's `joined` or
+    /// `message_accepted`, `{"acked": n}` once an `ack` is recorded, or
+    /// `{"error": {"code", "message", "clientMsgId"?}}`.
+    Answer(CallId, Utf8Bytes),
+}
+
+impl Out {
+    /// Bytes held (for the outbox's bound).
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Frame(f) | Out::Answer(_, f) => f.len(),
+        }
+    }
+}
+
+/// A reply to a send: its v1 frame and, when the send was a call, its answer.
+struct Replied {
+    frame: Utf8Bytes,
+    answer: Option<Out>,
 }
 
 /// Why a session ended; the transport says it in its own terms.
@@ -76,7 +111,7 @@ pub enum End {
     Gone,
 }
 
-type Reply = Pin<Box<dyn Future<Output = Option<Utf8Bytes>> + Send>>;
+type Reply = Pin<Box<dyn Future<Output = Replied> + Send>>;
 type AckWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 /// One connected, authenticated client.
@@ -97,6 +132,10 @@ pub struct Session {
     ack_write: Option<AckWrite>,
     /// Caps on joins and acked ids (sends are limited per user, in delivery).
     limits: SocketLimits,
+    /// Calls answered when their acks are written: queued with `acks`, and in the write
+    /// (each with its number of ids).
+    ack_calls: Vec<(CallId, usize)>,
+    writing_calls: Vec<(CallId, usize)>,
     outbox: Outbox,
     drain: Option<Drain>,
     /// Fires when the outbox has waited `MSGBUF_WRITE_TIMEOUT` without the socket taking
@@ -122,6 +161,8 @@ impl Session {
             inflight: FuturesOrdered::new(),
             acks: Vec::new(),
             ack_write: None,
+            ack_calls: Vec::new(),
+            writing_calls: Vec::new(),
             outbox: Outbox::default(),
             drain: None,
             stall: None,
@@ -132,7 +173,7 @@ impl Session {
     pub async fn run<I, O>(mut self, inbound: &mut I, sink: &mut O) -> End
     where
         I: Stream<Item = Inbound> + Unpin,
-        O: Sink<Utf8Bytes> + Unpin,
+        O: Sink<Out> + Unpin,
     {
         let shutdown = self.state.shutdown.clone();
         let overflow = self.overflow.clone();
@@ -153,8 +194,9 @@ impl Session {
                 // Replies are not held back by a full outbox: they are bounded by
                 // MAX_INFLIGHT, and holding them would stop the reads below.
                 Some(reply) = self.inflight.next(), if !self.inflight.is_empty() => {
-                    if let Some(frame) = reply {
-                        self.outbox.push(frame);
+                    self.outbox.push(Out::Frame(reply.frame));
+                    if let Some(answer) = reply.answer {
+                        self.outbox.push(answer);
                     }
                     Step::Continue
                 }
@@ -162,9 +204,10 @@ impl Session {
                     self.ack_written(written);
                     Step::Continue
                 }
-                input = inbound.next(), if self.inflight.len() < MAX_INFLIGHT && self.acks.len() < MAX_QUEUED_ACKS => match input {
+                input = inbound.next(), if self.inflight.len() < MAX_INFLIGHT && self.acks.len() + self.ack_calls.len() < MAX_QUEUED_ACKS => match input {
                     // Boxed: the join's state would otherwise sit in every idle socket's task.
-                    Some(Inbound::Frame(frame)) => Box::pin(self.on_frame(frame)).await,
+                    Some(Inbound::Frame(frame)) => Box::pin(self.on_frame(frame, None)).await,
+                    Some(Inbound::Call(frame, call)) => Box::pin(self.on_frame(frame, Some(call))).await,
                     Some(Inbound::End(end)) => Step::End(end),
                     None => Step::End(End::Gone),
                 },
@@ -206,39 +249,43 @@ impl Session {
         End::QueueFull
     }
 
-    async fn on_frame(&mut self, frame: Result<ClientFrame, Error>) -> Step {
+    async fn on_frame(&mut self, frame: Result<ClientFrame, Error>, call: Option<CallId>) -> Step {
         match frame {
-            Ok(ClientFrame::JoinChat(join)) => self.join(join).await,
+            Ok(ClientFrame::JoinChat(join)) => self.join(join, call).await,
             Ok(ClientFrame::ChatMessage(msg)) => {
-                self.send(msg);
+                self.send(msg, call);
                 Step::Continue
             }
             Ok(ClientFrame::Ack(ack)) => {
-                self.ack(ack);
+                self.ack(ack, call);
                 Step::Continue
             }
             Err(e) => {
-                self.refuse(e);
+                self.refuse(e, call);
                 Step::Continue
             }
         }
     }
 
     /// Answers a frame the session cannot act on with an `error` event.
-    fn refuse(&mut self, e: Error) {
+    fn refuse(&mut self, e: Error, call: Option<CallId>) {
         self.state.metrics().protocol_errors.increment(1);
-        self.reply_error(e);
+        self.reply_error(e, call);
     }
 
-    fn reply_error(&mut self, e: Error) {
+    fn reply_error(&mut self, e: Error, call: Option<CallId>) {
         e.report();
-        self.outbox
-            .push(ServerFrame::Error(e.to_wire()).encode().into());
+        let wire = e.to_wire();
+        let answer = call.map(|call| error_answer(call, wire.clone()));
+        self.outbox.push(ServerFrame::Error(wire).encode_out());
+        if let Some(answer) = answer {
+            self.outbox.push(answer);
+        }
     }
 
-    fn send(&mut self, m: SendMessage) {
+    fn send(&mut self, m: SendMessage, call: Option<CallId>) {
         if let Err(e) = self.state.delivery.check_send(&self.claims.sub) {
-            return self.reply_error(e.with_client_msg_id(m.client_msg_id));
+            return self.reply_error(e.with_client_msg_id(m.client_msg_id), call);
         }
         let msg = BufferedMessage::new(
             &self.claims.sub,
@@ -250,25 +297,42 @@ impl Session {
         let state = self.state.clone();
         self.inflight.push_back(Box::pin(async move {
             let client_msg_id = msg.client_msg_id.clone();
-            let frame = match state.delivery.accept(msg).await {
+            match state.delivery.accept(msg).await {
                 Ok(accepted) => {
                     state.metrics().accepted_ws.increment(1);
-                    ServerFrame::MessageAccepted(accepted)
+                    let answer = call.map(|call| Out::Answer(call, to_json(&accepted)));
+                    Replied {
+                        frame: ServerFrame::MessageAccepted(accepted).encode().into(),
+                        answer,
+                    }
                 }
-                Err(e) => error_frame(Error::from(e).with_client_msg_id(client_msg_id)),
-            };
-            Some(frame.encode().into())
+                Err(e) => {
+                    let e = Error::from(e).with_client_msg_id(client_msg_id);
+                    e.report();
+                    let wire = e.to_wire();
+                    Replied {
+                        answer: call.map(|call| error_answer(call, wire.clone())),
+                        frame: ServerFrame::Error(wire).encode().into(),
+                    }
+                }
+            }
         }));
     }
 
-    fn ack(&mut self, ack: AckIds) {
+    fn ack(&mut self, ack: AckIds, call: Option<CallId>) {
         let parsed: Result<Vec<ObjectId>, _> = ack.ids.iter().map(ObjectId::parse_str).collect();
         let Ok(ids) = parsed else {
-            return self.refuse(Error::bad_request("`ids` must be 24-hex message ids"));
+            return self.refuse(Error::bad_request("`ids` must be 24-hex message ids"), call);
         };
         if let Err(e) = self.limits.check_acks(ids.len()) {
             self.state.metrics().rate_limited.increment(1);
-            return self.reply_error(e);
+            return self.reply_error(e, call);
+        }
+        match call {
+            // Nothing to write: answered at once, not held behind a write it is not in.
+            Some(call) if ids.is_empty() => self.outbox.push(acked_answer(call, 0)),
+            Some(call) => self.ack_calls.push((call, ids.len())),
+            None => {}
         }
         self.acks.extend(ids);
         self.write_acks();
@@ -280,6 +344,7 @@ impl Session {
             return;
         }
         let ids = std::mem::take(&mut self.acks);
+        self.writing_calls = std::mem::take(&mut self.ack_calls);
         let state = self.state.clone();
         let user = self.claims.sub.clone();
         self.ack_write = Some(Box::pin(async move { state.delivery.ack(user, ids).await }));
@@ -287,8 +352,23 @@ impl Session {
 
     fn ack_written(&mut self, written: Result<(), StoreError>) {
         self.ack_write = None;
-        if let Err(e) = written {
-            self.reply_error(Error::from(e));
+        let calls = std::mem::take(&mut self.writing_calls);
+        match written {
+            Ok(()) => {
+                for (call, n) in calls {
+                    self.outbox.push(acked_answer(call, n));
+                }
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                e.report();
+                let wire = e.to_wire();
+                self.outbox
+                    .push(ServerFrame::Error(wire.clone()).encode_out());
+                for (call, _) in calls {
+                    self.outbox.push(error_answer(call, wire.clone()));
+                }
+            }
         }
         self.write_acks();
     }
@@ -296,18 +376,18 @@ impl Session {
     /// Registers the session, answers `joined`, then starts draining pending messages
     /// oldest first. Registration comes first, so a message inserted during the drain is
     /// either in the drain or queued live (and then skipped if it was both).
-    async fn join(&mut self, join: JoinChat) -> Step {
+    async fn join(&mut self, join: JoinChat, call: Option<CallId>) -> Step {
         if join
             .user_id
             .as_deref()
             .is_some_and(|u| u != self.claims.sub)
         {
-            self.refuse(Error::forbidden("`userId` must be the token's user"));
+            self.refuse(Error::forbidden("`userId` must be the token's user"), call);
             return Step::Continue;
         }
         if let Err(e) = self.limits.check_join() {
             self.state.metrics().rate_limited.increment(1);
-            self.reply_error(e);
+            self.reply_error(e, call);
             return Step::Continue;
         }
         let capacity = self.state.config.queue_capacity;
@@ -331,16 +411,20 @@ impl Session {
         {
             Ok(opened) => opened,
             Err(e) => {
-                self.reply_error(Error::from(e));
+                self.reply_error(Error::from(e), call);
                 return Step::Continue;
             }
         };
-        let joined = ServerFrame::Joined(Joined {
+        let joined = Joined {
             user_id: self.claims.sub.clone(),
             instance: self.state.instance().to_owned(),
             pending,
-        });
-        self.outbox.push(joined.encode().into());
+        };
+        let answer = call.map(|call| Out::Answer(call, to_json(&joined)));
+        self.outbox.push(ServerFrame::Joined(joined).encode_out());
+        if let Some(answer) = answer {
+            self.outbox.push(answer);
+        }
         self.guard.set_draining(true);
         self.drain = Some(Drain::new(cursor, overdue_cutoff(ack_timeout), held));
         Step::Continue
@@ -362,7 +446,7 @@ impl Session {
                     // What was not drained stays pending; the sweep or the next join
                     // picks it up.
                     self.end_drain().await;
-                    self.reply_error(Error::from(e));
+                    self.reply_error(Error::from(e), None);
                     return Step::Continue;
                 }
                 None => {
@@ -395,7 +479,7 @@ impl Session {
         if self.sent.insert(msg.id) {
             let overdue = msg.is_overdue(drain.cutoff);
             let frame = ServerFrame::ChatMessage(msg.to_wire(overdue));
-            self.outbox.push(frame.encode().into());
+            self.outbox.push(frame.encode_out());
             if overdue {
                 drain.resent.push(msg.id);
             } else if !msg.delivered {
@@ -470,17 +554,36 @@ fn write_filtered(outbox: &mut Outbox, sent: &mut RecentIds, item: Outbound) {
     match item {
         Outbound::Chat { id, frame } => {
             if sent.insert(id) {
-                outbox.push(frame);
+                outbox.push(Out::Frame(frame));
             }
         }
-        Outbound::Frame(frame) => outbox.push(frame),
+        Outbound::Frame(frame) => outbox.push(Out::Frame(frame)),
     }
 }
 
-/// The `error` frame of a failed send or ack, logged where it is produced.
-fn error_frame(e: Error) -> ServerFrame {
-    e.report();
-    ServerFrame::Error(e.to_wire())
+impl ServerFrame {
+    fn encode_out(&self) -> Out {
+        Out::Frame(self.encode().into())
+    }
+}
+
+/// The JSON of an answer's object; these plain structs always serialise.
+fn to_json<T: serde::Serialize>(value: &T) -> Utf8Bytes {
+    serde_json::to_string(value)
+        .unwrap_or_else(|_| "{}".to_owned())
+        .into()
+}
+
+fn error_answer(call: CallId, error: WireError) -> Out {
+    #[derive(serde::Serialize)]
+    struct Refused {
+        error: WireError,
+    }
+    Out::Answer(call, to_json(&Refused { error }))
+}
+
+fn acked_answer(call: CallId, acked: usize) -> Out {
+    Out::Answer(call, format!(r#"{{"acked":{acked}}}"#).into())
 }
 
 async fn next_drained(drain: &mut Option<Drain>) -> Option<Result<BufferedMessage, StoreError>> {

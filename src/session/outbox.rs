@@ -4,8 +4,9 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use axum::extract::ws::Utf8Bytes;
 use futures::Sink;
+
+use super::Out;
 
 /// Frames the session queues before it stops taking more (drained messages, live pushes
 /// and replies wait where they are: in the cursor, the presence queue, the in-flight set).
@@ -15,7 +16,7 @@ const MAX_BYTES: usize = 1 << 20;
 /// The session's write side: a bounded queue and the state of the sink it feeds.
 #[derive(Default)]
 pub struct Outbox {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Out>,
     bytes: usize,
     /// Frames were handed to the sink since its last flush.
     unflushed: bool,
@@ -24,9 +25,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn push(&mut self, frame: Utf8Bytes) {
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+    pub fn push(&mut self, out: Out) {
+        self.bytes += out.len();
+        self.frames.push_back(out);
     }
 
     /// Whether the session may queue more.
@@ -47,20 +48,20 @@ impl Outbox {
     ///
     /// Cancel-safe: a frame leaves the queue only when the sink has taken it, so the
     /// session can race this against its reads and drop it whenever a read wins.
-    pub async fn pump<S: Sink<Utf8Bytes> + Unpin>(&mut self, sink: &mut S) -> Result<(), ()> {
+    pub async fn pump<S: Sink<Out> + Unpin>(&mut self, sink: &mut S) -> Result<(), ()> {
         std::future::poll_fn(|cx| self.poll_pump(Pin::new(&mut *sink), cx)).await
     }
 
-    fn poll_pump<S: Sink<Utf8Bytes>>(
+    fn poll_pump<S: Sink<Out>>(
         &mut self,
         mut sink: Pin<&mut S>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), ()>> {
         while !self.frames.is_empty() {
             ready!(sink.as_mut().poll_ready(cx)).map_err(|_| ())?;
-            if let Some(frame) = self.frames.pop_front() {
-                self.bytes -= frame.len();
-                sink.as_mut().start_send(frame).map_err(|_| ())?;
+            if let Some(out) = self.frames.pop_front() {
+                self.bytes -= out.len();
+                sink.as_mut().start_send(out).map_err(|_| ())?;
                 self.unflushed = true;
                 self.progressed = true;
             }

@@ -15,3 +15,4 @@ mod harness;
 mod hostile;
 mod limits;
 mod session;
+mod socketio;
