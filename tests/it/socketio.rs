@@ -280,9 +280,9 @@ async fn bad_tokens_and_the_connection_limit_get_connect_error() {
     for (auth, says) in [
         (json!({}), "missing token"),
         (json!("not an object"), "missing token"),
-        (json!({"token": "garbage"}), "invalid token"),
-        (json!({"token": expired_token("mallory")}), "invalid token"),
-        (json!({"token": wrong}), "invalid token"),
+        (json!({"token": "garbage"}), "malformed token"),
+        (json!({"token": expired_token("mallory")}), "token expired"),
+        (json!({"token": wrong}), "token signature invalid"),
     ] {
         let (_, answer) = Sio::connect(a.addr, auth.clone()).await;
         let message = answer.expect_err("refused");

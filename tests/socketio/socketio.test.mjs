@@ -114,8 +114,8 @@ function forged(sub) {
 test('a missing or bad token gets connect_error with a clear message', async () => {
   const cases = [
     [{}, /missing token/],
-    [{ token: 'garbage' }, /invalid token/],
-    [{ token: forged('mallory') }, /invalid token/],
+    [{ token: 'garbage' }, /malformed token/],
+    [{ token: forged('mallory') }, /token signature invalid/],
   ];
   for (const [auth, message] of cases) {
     const s = await sio(A, 'mallory', { auth, reconnection: false, join: false });
