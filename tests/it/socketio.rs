@@ -587,6 +587,12 @@ async fn hostile_packets_never_take_the_instance_down() {
     ] {
         let mut s = Sio::joined(a.addr, "mallory").await;
         s.send(packet.to_owned()).await;
+        if packet == "41" {
+            // The client's own disconnect of the namespace: nothing is answered on it any
+            // more (and Engine.IO may keep the transport open); the instance's health is
+            // checked after the loop.
+            continue;
+        }
         // Then either the socket still answers, or it was closed; never a hang.
         s.call(999, "join_chat", Value::Null).await;
         loop {
