@@ -38,19 +38,7 @@ async fn a_large_drain_completes_to_a_client_that_acks_each_message_with_a_block
     // Small kernel buffers on the client side: the server's writes and the client's acks
     // fill them within a few hundred messages, so a server that stops reading while it
     // drains wedges here at once.
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    socket.set_send_buffer_size(4096).expect("sndbuf");
-    let tcp = socket.connect(a.addr).await.expect("connect");
-    let mut request = a.ws_url().into_client_request().expect("request");
-    let bearer = format!("Bearer {}", token("bob")).parse().expect("header");
-    request.headers_mut().insert("Authorization", bearer);
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .expect("handshake");
-    ws.send(Message::Text(r#"{"event":"join_chat","data":{}}"#.into()))
-        .await
-        .expect("join");
+    let mut ws = join_over_small_buffers(&a, "bob").await;
 
     let mut received = Vec::with_capacity(BACKLOG);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -98,13 +86,13 @@ async fn a_large_drain_completes_to_a_client_that_acks_each_message_with_a_block
     assert_eq!(claimed, BACKLOG as u64);
 }
 
-/// Joins `user` from a socket with tiny kernel buffers that never reads.
-async fn join_and_stop_reading(
-    a: &Instance,
-    user: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+type RawWs = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects `user` over a socket with 4 KiB kernel buffers and sends `join_chat`.
+async fn join_over_small_buffers(a: &Instance, user: &str) -> RawWs {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket.set_send_buffer_size(4096).expect("sndbuf");
     let tcp = socket.connect(a.addr).await.expect("connect");
     let mut request = a.ws_url().into_client_request().expect("request");
     let bearer = format!("Bearer {}", token(user)).parse().expect("header");
@@ -115,6 +103,12 @@ async fn join_and_stop_reading(
     ws.send(Message::Text(r#"{"event":"join_chat","data":{}}"#.into()))
         .await
         .expect("join");
+    ws
+}
+
+/// Joins `user` from a socket with tiny kernel buffers that then never reads.
+async fn join_and_stop_reading(a: &Instance, user: &str) -> RawWs {
+    let mut ws = join_over_small_buffers(a, user).await;
     let joined = tokio::time::timeout(T, ws.next())
         .await
         .expect("joined in time");
