@@ -85,6 +85,18 @@ pub struct Config {
     #[arg(long, env = "MSGBUF_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
 
+    /// Outbound queue per socket, in bytes (live frames, and those held while the socket
+    /// drains its backlog); past it, as past `MSGBUF_QUEUE_CAPACITY`, the socket is closed
+    /// with 4001.
+    #[arg(long, env = "MSGBUF_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub queue_bytes: usize,
+
+    /// Bytes waiting to be written to one user's sockets on this instance, all of them
+    /// together; past it, that user's sockets take nothing more (drained messages wait in
+    /// MongoDB) until they write what they hold.
+    #[arg(long, env = "MSGBUF_USER_BUFFER_BYTES", default_value_t = 8 << 20)]
+    pub user_buffer_bytes: usize,
+
     /// Open WebSocket connections per user on one instance.
     #[arg(long, env = "MSGBUF_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,

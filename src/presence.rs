@@ -1,8 +1,11 @@
 //! Who is online on this instance: user id -> that user's sessions (tabs, devices).
 //!
-//! Each session owns a bounded outbound queue. Pushing never waits: a full queue means
-//! the client stopped reading, so the session is told to close (4001) and its messages
-//! stay in MongoDB for its next join. DashMap guards are only held for non-async work.
+//! Each session owns an outbound queue bounded in frames and in bytes. Pushing never
+//! waits: a full queue means the client stopped reading, so the session is told to close
+//! (4001) and its messages stay in MongoDB for its next join. Each user also has, on this
+//! instance, a byte budget shared by that user's sessions ([`UserBudget`]) and one drain
+//! turn ([`ConnectionGuard::drain_turn`]), so that many sockets of one user cost about
+//! what one does. DashMap guards are only held for non-async work.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use axum::extract::ws::Utf8Bytes;
 
 use dashmap::DashMap;
 use mongodb::bson::oid::ObjectId;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// A frame queued for one socket. Frames are serialised once and shared by every socket
@@ -24,11 +27,117 @@ pub enum Outbound {
     Frame(Utf8Bytes),
 }
 
+impl Outbound {
+    /// Bytes of the frame, for the queue's byte bound.
+    pub fn len(&self) -> usize {
+        match self {
+            Outbound::Chat { frame, .. } | Outbound::Frame(frame) => frame.len(),
+        }
+    }
+}
+
+/// A frame taken off a session's queue: it still counts against the queue's byte bound
+/// (held during a drain, say) until the session takes its frame with [`Queued::take`].
+#[derive(Debug)]
+pub struct Queued {
+    item: Outbound,
+    queued: Arc<AtomicUsize>,
+}
+
+impl std::borrow::Borrow<Outbound> for Queued {
+    fn borrow(&self) -> &Outbound {
+        &self.item
+    }
+}
+
+impl Queued {
+    /// The frame, released from the queue's bound (frames are shared, so this is cheap).
+    pub fn take(self) -> Outbound {
+        self.item.clone()
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.item.len(), Ordering::Relaxed);
+    }
+}
+
+/// The receiving end of a session's queue.
+pub struct LiveQueue {
+    rx: mpsc::Receiver<Outbound>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl LiveQueue {
+    pub async fn recv(&mut self) -> Option<Queued> {
+        let item = self.rx.recv().await?;
+        Some(self.queued(item))
+    }
+
+    pub fn try_recv(&mut self) -> Option<Queued> {
+        let item = self.rx.try_recv().ok()?;
+        Some(self.queued(item))
+    }
+
+    fn queued(&self, item: Outbound) -> Queued {
+        Queued {
+            item,
+            queued: self.queued.clone(),
+        }
+    }
+}
+
+/// Bytes waiting to be written to one user's sockets on this instance (their outboxes),
+/// shared by that user's sessions: past `max`, the user's sessions stop taking more
+/// (drained messages wait in MongoDB, live ones in their bounded queues) until their
+/// sockets take what they hold.
+#[derive(Debug)]
+pub struct UserBudget {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl UserBudget {
+    pub fn new(max: usize) -> Self {
+        UserBudget {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn add(&self, bytes: usize) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.held.load(Ordering::Relaxed) < self.max
+    }
+}
+
+/// The bounds of one session's queue and of its user's budget.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueBounds {
+    /// Frames queued per session.
+    pub frames: usize,
+    /// Bytes queued per session (live frames, and those held during a drain).
+    pub bytes: usize,
+    /// Bytes waiting in the outboxes of one user's sessions together.
+    pub user_bytes: usize,
+}
+
 /// The handle other tasks use to reach a socket.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub id: u64,
     tx: mpsc::Sender<Outbound>,
+    /// Bytes queued and not yet taken by the session, and their bound.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
     /// Cancelled when the queue overflowed: the socket task closes with 4001.
     overflow: CancellationToken,
     /// Raised while the session drains its backlog: the sweep leaves it alone then (the
@@ -37,25 +146,50 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Queues without waiting; on a full queue, tells the session to close.
+    /// Queues without waiting; on a full queue (in frames or bytes), tells the session
+    /// to close.
     fn push(&self, item: Outbound) -> bool {
+        let len = item.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.overflow.cancel();
+            return false;
+        }
         match self.tx.try_send(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflow.cancel();
+            Err(e) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.overflow.cancel();
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
 
-#[derive(Default)]
 struct UserEntry {
     /// Open WebSocket connections of the user (joined or not), for the per-user limit.
     connections: usize,
     /// Joined sessions.
     sessions: Vec<SessionHandle>,
+    /// Shared by the user's connections; made with the entry (the first connection) and
+    /// dropped with it (the last one).
+    budget: Option<Arc<UserBudget>>,
+    drain_turn: Arc<Semaphore>,
+}
+
+impl Default for UserEntry {
+    fn default() -> Self {
+        UserEntry {
+            connections: 0,
+            sessions: Vec::new(),
+            budget: None,
+            // One drain at a time per user: a drain's read-ahead (its cursors' batches)
+            // is the one cost that the user budget cannot see.
+            drain_turn: Arc::new(Semaphore::new(1)),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -81,12 +215,18 @@ impl Presence {
         self: &Arc<Self>,
         user: &str,
         limit: usize,
+        bounds: QueueBounds,
     ) -> Result<ConnectionGuard, TooManyConnections> {
         let mut entry = self.users.entry(user.to_owned()).or_default();
         if entry.connections >= limit {
             return Err(TooManyConnections(limit));
         }
         entry.connections += 1;
+        let budget = entry
+            .budget
+            .get_or_insert_with(|| Arc::new(UserBudget::new(bounds.user_bytes)))
+            .clone();
+        let drain_turn = entry.drain_turn.clone();
         drop(entry);
         self.connections.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionGuard {
@@ -94,6 +234,9 @@ impl Presence {
             user: user.to_owned(),
             session: None,
             draining: Arc::default(),
+            bounds,
+            budget,
+            drain_turn,
         })
     }
 
@@ -170,24 +313,26 @@ pub struct ConnectionGuard {
     user: String,
     session: Option<u64>,
     draining: Arc<AtomicBool>,
+    bounds: QueueBounds,
+    budget: Arc<UserBudget>,
+    drain_turn: Arc<Semaphore>,
 }
 
 impl ConnectionGuard {
-    /// Makes this connection one of the user's online sessions, with a queue of `capacity`
-    /// whose overflow cancels `overflow`. Joining twice keeps the first session (`None`).
-    pub fn join(
-        &mut self,
-        capacity: usize,
-        overflow: CancellationToken,
-    ) -> Option<mpsc::Receiver<Outbound>> {
+    /// Makes this connection one of the user's online sessions, with a queue whose
+    /// overflow cancels `overflow`. Joining twice keeps the first session (`None`).
+    pub fn join(&mut self, overflow: CancellationToken) -> Option<LiveQueue> {
         if self.session.is_some() {
             return None;
         }
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = mpsc::channel(self.bounds.frames.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
         let id = self.presence.next_id.fetch_add(1, Ordering::Relaxed);
         let handle = SessionHandle {
             id,
             tx,
+            queued: queued.clone(),
+            max_bytes: self.bounds.bytes,
             overflow,
             draining: self.draining.clone(),
         };
@@ -198,7 +343,17 @@ impl ConnectionGuard {
         entry.sessions.push(handle);
         drop(entry);
         self.session = Some(id);
-        Some(rx)
+        Some(LiveQueue { rx, queued })
+    }
+
+    /// The byte budget this connection shares with the user's other connections here.
+    pub fn budget(&self) -> &Arc<UserBudget> {
+        &self.budget
+    }
+
+    /// The user's drain turn on this instance: a drain holds its one permit.
+    pub fn drain_turn(&self) -> &Arc<Semaphore> {
+        &self.drain_turn
     }
 
     /// Marks the session as draining its backlog (or done with it).
@@ -223,12 +378,14 @@ mod tests {
     #[test]
     fn sessions_counts_and_overflow() {
         let p = Arc::new(Presence::new());
-        let mut a = p.connect("bob", 2).expect("first");
-        let mut b = p.connect("bob", 2).expect("second");
-        assert!(p.connect("bob", 2).is_err(), "limit of 2");
+        let small = bounds(1, 1024);
+        let mut a = p.connect("bob", 2, small).expect("first");
+        let mut b = p.connect("bob", 2, bounds(4, 1024)).expect("second");
+        assert!(p.connect("bob", 2, small).is_err(), "limit of 2");
+        assert!(Arc::ptr_eq(a.budget(), b.budget()), "one budget per user");
         let overflow_a = CancellationToken::new();
-        let _qa = a.join(1, overflow_a.clone()).expect("join a");
-        let _qb = b.join(4, CancellationToken::new()).expect("join b");
+        let _qa = a.join(overflow_a.clone()).expect("join a");
+        let _qb = b.join(CancellationToken::new()).expect("join b");
         assert_eq!((p.online_users(), p.connections()), (1, 2));
         let item = Outbound::Frame(Utf8Bytes::from_static("x"));
         assert_eq!(p.push("bob", &item), 2);
@@ -238,5 +395,34 @@ mod tests {
         drop(b);
         assert_eq!((p.online_users(), p.connections()), (0, 0));
         assert!(p.users.is_empty(), "no entry left behind");
+    }
+
+    fn bounds(frames: usize, bytes: usize) -> QueueBounds {
+        QueueBounds {
+            frames,
+            bytes,
+            user_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_queue_is_bounded_in_bytes_until_its_frames_are_taken() {
+        let p = Arc::new(Presence::new());
+        let mut a = p.connect("bob", 1, bounds(100, 10)).expect("connect");
+        let overflow = CancellationToken::new();
+        let mut q = a.join(overflow.clone()).expect("join");
+        let six = Outbound::Frame(Utf8Bytes::from_static("123456"));
+        assert_eq!(p.push("bob", &six), 1);
+        let held = q.try_recv().expect("queued");
+        assert_eq!(p.push("bob", &six), 0, "a held frame still counts");
+        assert!(overflow.is_cancelled());
+        drop(held.take());
+        let overflow = CancellationToken::new();
+        let mut b = p.connect("carol", 1, bounds(100, 10)).expect("connect");
+        let _qb = b.join(overflow.clone()).expect("join");
+        assert_eq!(p.push("carol", &six), 1);
+        assert_eq!(p.push("carol", &six), 0, "12 bytes over a bound of 10");
+        assert!(overflow.is_cancelled());
+        drop(q);
     }
 }

@@ -164,13 +164,10 @@ async fn authenticate(
         e.report();
         e
     })?;
-    let guard = state
-        .presence()
-        .connect(&claims.sub, state.config.max_connections_per_user)
-        .map_err(|e| {
-            tracing::info!(user = %claims.sub, "socket.io connection refused: {e}");
-            Error::rate_limited(e.to_string())
-        })?;
+    let guard = state.connect(&claims.sub).map_err(|e| {
+        tracing::info!(user = %claims.sub, "socket.io connection refused: {e}");
+        Error::rate_limited(e.to_string())
+    })?;
     let (tx, rx) = mpsc::channel(INBOUND_EVENTS);
     let queued = Arc::new(AtomicUsize::new(0));
     socket.on_fallback(Inlet {

@@ -11,7 +11,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::metrics::Metrics;
-use crate::presence::Presence;
+use crate::presence::{ConnectionGuard, Presence, QueueBounds, TooManyConnections};
 use crate::store::Store;
 
 /// Shared by the routes and the sessions. The store, the presence map and the metrics
@@ -44,6 +44,19 @@ impl AppState {
         let presence = self.presence();
         self.metrics()
             .render(presence.connections(), presence.online_users())
+    }
+
+    /// Counts a new connection of `user` against the per-user limit, with the queue bounds
+    /// of the configuration.
+    pub(crate) fn connect(&self, user: &str) -> Result<ConnectionGuard, TooManyConnections> {
+        let config = &self.config;
+        let bounds = QueueBounds {
+            frames: config.queue_capacity,
+            bytes: config.queue_bytes,
+            user_bytes: config.user_buffer_bytes,
+        };
+        self.presence()
+            .connect(user, config.max_connections_per_user, bounds)
     }
 
     pub(crate) fn store(&self) -> &Store {

@@ -50,13 +50,10 @@ pub async fn upgrade(
     let claims = state.auth.verify(token)?;
     // Checked after the token, so an unauthenticated caller learns only that it is one.
     let ws = ws.map_err(|r| Error::bad_request(r.body_text()).with_status(r.status()))?;
-    let guard = state
-        .presence()
-        .connect(&claims.sub, state.config.max_connections_per_user)
-        .map_err(|e| {
-            tracing::info!(user = %claims.sub, "connection refused: {e}");
-            Error::new(ErrorCode::RateLimited, "too many requests")
-        })?;
+    let guard = state.connect(&claims.sub).map_err(|e| {
+        tracing::info!(user = %claims.sub, "connection refused: {e}");
+        Error::new(ErrorCode::RateLimited, "too many requests")
+    })?;
     let max = state.config.max_frame_bytes;
     let tasks = state.tasks.clone();
     Ok(ws

@@ -63,18 +63,25 @@ pub fn plan_claims(claims: &[Claim], acks: &[(&str, &[ObjectId])]) -> Vec<ClaimG
         .collect()
 }
 
-/// The acks still to write once the ids in `done` went in with their claims.
+/// The acks still to write once the ids in `done` went in with their claims, one entry per
+/// user (in order of first appearance): a client that acks each message sends many
+/// frames, and one `$in` per user keeps the write's `$or` short.
 pub fn remaining_acks(
     acks: &[(&str, &[ObjectId])],
     done: &HashSet<ObjectId>,
 ) -> Vec<(String, Vec<ObjectId>)> {
-    acks.iter()
-        .map(|(user, ids)| {
-            let ids = ids.iter().filter(|id| !done.contains(*id)).copied();
-            ((*user).to_owned(), ids.collect::<Vec<_>>())
-        })
-        .filter(|(_, ids)| !ids.is_empty())
-        .collect()
+    let mut by_user: Vec<(String, Vec<ObjectId>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (user, ids) in acks {
+        let ids = ids.iter().filter(|id| !done.contains(*id)).copied();
+        let i = *index.entry(*user).or_insert_with(|| {
+            by_user.push(((*user).to_owned(), Vec::new()));
+            by_user.len() - 1
+        });
+        by_user[i].1.extend(ids);
+    }
+    by_user.retain(|(_, ids)| !ids.is_empty());
+    by_user
 }
 
 #[cfg(test)]
@@ -131,6 +138,20 @@ mod tests {
             vec![("bob".to_owned(), vec![b])]
         );
         assert!(remaining_acks(&acks, &HashSet::from([a, b])).is_empty());
+    }
+
+    #[test]
+    fn one_users_ack_frames_merge_into_one_entry() {
+        let [a, b, c] = [ObjectId::new(), ObjectId::new(), ObjectId::new()];
+        let (first, second, third) = ([a], [b], [c]);
+        let acks: [(&str, &[ObjectId]); 3] = [("bob", &first), ("carol", &second), ("bob", &third)];
+        assert_eq!(
+            remaining_acks(&acks, &HashSet::new()),
+            vec![
+                ("bob".to_owned(), vec![a, c]),
+                ("carol".to_owned(), vec![b])
+            ]
+        );
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! (held, to be merged in by id so one sender's messages keep their order), and the
 //! deliveries still to record.
 
+use std::borrow::Borrow;
 use std::collections::VecDeque;
 
 use mongodb::bson::{oid::ObjectId, DateTime};
+use tokio::sync::OwnedSemaphorePermit;
 
-use crate::presence::Outbound;
+use crate::presence::{Outbound, Queued};
 use crate::store::Pending;
 
 /// Drained messages between two records of their claims.
@@ -14,8 +16,9 @@ pub const DRAIN_PAGE: usize = 500;
 
 pub struct Drain {
     pub cursor: Pending,
-    /// Live frames queued during the drain, in queue order.
-    pub held: VecDeque<Outbound>,
+    /// Live frames queued during the drain, in queue order (still counted against the
+    /// socket's queue bound).
+    pub held: VecDeque<Queued>,
     /// Written, undelivered: to claim.
     pub claim: Vec<ObjectId>,
     /// Written again after their ack timeout: to record as re-sent.
@@ -23,10 +26,17 @@ pub struct Drain {
     /// Pushes before this are overdue (fixed at the join, like the query's filter).
     pub cutoff: DateTime,
     pub since_record: usize,
+    /// The user's drain turn on this instance, held until the drain ends.
+    _turn: OwnedSemaphorePermit,
 }
 
 impl Drain {
-    pub fn new(cursor: Pending, cutoff: DateTime, held: VecDeque<Outbound>) -> Self {
+    pub fn new(
+        cursor: Pending,
+        cutoff: DateTime,
+        held: VecDeque<Queued>,
+        turn: OwnedSemaphorePermit,
+    ) -> Self {
         Drain {
             cursor,
             held,
@@ -34,14 +44,15 @@ impl Drain {
             resent: Vec::new(),
             cutoff,
             since_record: 0,
+            _turn: turn,
         }
     }
 }
 
 /// The front of `held` if it may go out before drained message `next`: receipts and other
 /// frames always, chat messages with a smaller id (inserted earlier).
-pub fn pop_before(held: &mut VecDeque<Outbound>, next: ObjectId) -> Option<Outbound> {
-    let ready = match held.front()? {
+pub fn pop_before<T: Borrow<Outbound>>(held: &mut VecDeque<T>, next: ObjectId) -> Option<T> {
+    let ready = match held.front()?.borrow() {
         Outbound::Frame(_) => true,
         Outbound::Chat { id, .. } => *id < next,
     };

@@ -15,8 +15,10 @@ use super::{BufferedMessage, Store, StoreError};
 /// A join reads up to this many pending messages per half in one go and counts them
 /// itself; above it, the join counts first and then streams.
 const SMALL_BACKLOG: i64 = 100;
-/// Documents per `getMore` of a streamed drain.
-const STREAM_BATCH: u32 = 1000;
+/// Documents per `getMore` of a streamed drain. A drain's read-ahead is the one buffer
+/// outside the byte budgets (the driver holds each batch whole): two cursors of 256
+/// messages of at most 16 KiB stay under 9 MiB, and a user drains one socket at a time.
+const STREAM_BATCH: u32 = 256;
 
 /// Claimed, unacknowledged and pushed longer than `ack_timeout` ago, for `receiver` (a
 /// name or an `$in`): a predicate that [`UNACKED_INDEX`] answers.

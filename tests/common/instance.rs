@@ -233,6 +233,17 @@ impl ProcInstance {
             .unwrap_or(0.0)
     }
 
+    /// Resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// User + system CPU time so far.
     pub fn cpu_time(&self) -> Duration {
         let stat =

@@ -3,6 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use mongodb::bson::doc;
+use msgbuf::client::WsClient;
+use serde_json::json;
+
 use crate::common::*;
 
 /// Accept latencies of `n` sends by `c`, each waiting for its `message_accepted`.
@@ -305,4 +309,75 @@ async fn a_page_of_buffered_messages_holds_at_most_a_mebibyte_and_paging_returns
     let expected: Vec<String> = batch.iter().map(|m| m.id.to_hex()).collect();
     assert_eq!(seen, expected, "every message once, oldest first");
     assert!(pages >= 2, "100 × 16 KiB takes more than one page");
+}
+
+/// Sockets of one user that join and never read, over a backlog of 3,000 × 16 KiB
+/// (47 MiB): what the instance holds for them is bounded by the user's budget and one
+/// drain's read-ahead, not by the number of sockets. Measured (debug build): 23 MiB of
+/// growth; the same test against the instance before the byte budgets: 428 MiB.
+#[tokio::test]
+async fn sockets_of_one_user_that_never_read_hold_a_bounded_number_of_bytes() {
+    const SOCKETS: usize = 24;
+    const BACKLOG: u64 = 3000;
+    const BOUND_MIB: u64 = 48;
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("user_bytes");
+    // The stalled sockets stay open for the whole measurement (not closed with 4001).
+    let a = ProcInstance::start(&rs.uri, &db, "A", &[("MSGBUF_WRITE_TIMEOUT", "120s")]).await;
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
+    let text = "x".repeat(16 * 1024);
+    for _ in 0..BACKLOG / 250 {
+        let batch: Vec<_> = (0..250)
+            .map(|_| msgbuf::BufferedMessage::new("alice", "hoarder", "c", &text, None))
+            .collect();
+        for r in store.insert_batch(&batch).await {
+            r.expect("insert");
+        }
+    }
+    let before = a.rss_kib();
+    let config = msgbuf::client::ClientConfig {
+        read_buffer: 4096,
+        ..Default::default()
+    };
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        let mut ws = WsClient::connect_with(&a.ws_url(), &token("hoarder"), &config)
+            .await
+            .expect("connect");
+        ws.send_event("join_chat", json!({})).await.expect("join");
+        sockets.push(ws);
+    }
+    // Sampled until it stops growing: nothing moves once the budget and the sockets'
+    // kernel buffers are full.
+    let mut peak = before;
+    let mut grew = Instant::now();
+    wait_for(
+        "the instance's memory to settle",
+        Duration::from_secs(60),
+        || {
+            let rss = a.rss_kib();
+            if rss > peak + 1024 {
+                grew = Instant::now();
+            }
+            peak = peak.max(rss);
+            let settled = grew.elapsed() > Duration::from_secs(4);
+            async move { settled.then_some(()) }
+        },
+    )
+    .await;
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("{SOCKETS} stalled sockets: RSS {before} KiB -> peak {peak} KiB");
+    assert!(
+        growth_mib < BOUND_MIB,
+        "{SOCKETS} stalled sockets of one user grew the instance by {growth_mib} MiB (bound {BOUND_MIB})"
+    );
+    // Nothing is lost: every message is still unacknowledged in MongoDB, for the next
+    // join (undelivered, or pushed and re-sent after the ack timeout).
+    drop(sockets);
+    let unacked = messages(&rs, &db)
+        .await
+        .count_documents(doc! {"receiver": "hoarder", "ackedAt": null})
+        .await
+        .expect("count");
+    assert_eq!(unacked, BACKLOG);
 }
