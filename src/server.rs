@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::cleanup::Cleanup;
 use crate::config::Config;
 use crate::delivery::{self, Delivery, Sweeper};
+use crate::error::{Error, ErrorCode};
 use crate::limits::SendLimit;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
@@ -56,7 +58,31 @@ pub fn app(state: Arc<AppState>) -> Router {
             count_requests,
         ))
         .with_state(state.clone());
-    socketio::mount(router, &state)
+    socketio::mount(router, &state).layer(axum::middleware::from_fn(limit_head))
+}
+
+/// A request head (request line and headers) past this is refused with 431 and the JSON
+/// error body. Heads over [`HEAD_BUFFER`] never reach the router: hyper answers those 431
+/// itself, without a body.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// What hyper buffers of a request head: room for a head well past `MAX_HEAD_BYTES` (a
+/// 1 MB token, say) to get msgbuf's answer, bounded so a slow head costs at most this
+/// for `MSGBUF_HANDSHAKE_TIMEOUT`.
+const HEAD_BUFFER: usize = (1 << 20) + (64 << 10);
+
+async fn limit_head(req: Request, next: Next) -> Response {
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    if headers + line > MAX_HEAD_BYTES {
+        return Error::new(ErrorCode::TooLarge, "request head over 32 KiB")
+            .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            .into_response();
+    }
+    next.run(req).await
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -149,7 +175,8 @@ impl Server {
         // Slow-loris: a client must finish its request head within the handshake timeout.
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(state.config.handshake_timeout);
+            .header_read_timeout(state.config.handshake_timeout)
+            .max_buf_size(HEAD_BUFFER);
         loop {
             let (tcp, _) = tokio::select! {
                 _ = shutdown.cancelled() => break,

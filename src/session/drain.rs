@@ -26,8 +26,8 @@ pub struct Drain {
     /// Pushes before this are overdue (fixed at the join, like the query's filter).
     pub cutoff: DateTime,
     pub since_record: usize,
-    /// The user's drain turn on this instance, held until the drain ends.
-    _turn: OwnedSemaphorePermit,
+    /// The user's drain turn on this instance (a large drain's), held until the drain ends.
+    _turn: Option<OwnedSemaphorePermit>,
 }
 
 impl Drain {
@@ -35,7 +35,7 @@ impl Drain {
         cursor: Pending,
         cutoff: DateTime,
         held: VecDeque<Queued>,
-        turn: OwnedSemaphorePermit,
+        turn: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Drain {
             cursor,

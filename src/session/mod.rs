@@ -29,6 +29,7 @@ use axum::extract::ws::Utf8Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{Future, FutureExt, Sink, Stream, StreamExt};
 use mongodb::bson::oid::ObjectId;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
@@ -119,18 +120,27 @@ type Reply = Pin<Box<dyn Future<Output = Replied> + Send>>;
 /// A join waiting for the user's drain turn, then reading what is pending.
 type Opening = Pin<Box<dyn Future<Output = Result<Opened, StoreError>> + Send>>;
 
-struct Opened {
-    turn: tokio::sync::OwnedSemaphorePermit,
-    count: u64,
-    cursor: Pending,
+/// The steps of a join before its drain.
+enum Opened {
+    /// Counted, and small enough to be read whole: answer and drain.
+    Small { count: u64, cursor: Pending },
+    /// Counted, too many to read whole: answer, then wait for the user's drain turn.
+    Large { count: u64 },
+    /// The turn came and the stream is open: drain.
+    Streaming {
+        turn: OwnedSemaphorePermit,
+        cursor: Pending,
+    },
 }
 
-/// A join between its frame and its `joined` answer.
+/// A join between its frame and its drain.
 struct Joining {
     opening: Opening,
-    /// One per `join_chat` frame waiting for this opening (a join that comes while another
-    /// is opening is answered by it: the drain that follows holds what either would).
+    /// The `join_chat` frames this join answers (a join that comes while another is opening
+    /// is answered by it: the drain that follows holds what either would), and the count
+    /// they are answered with once known.
     calls: Vec<Option<CallId>>,
+    count: Option<u64>,
     /// Live frames that arrived since the join registered (or during a drain it restarts).
     held: VecDeque<Queued>,
 }
@@ -432,38 +442,49 @@ impl Session {
             None => VecDeque::new(),
         };
         self.guard.set_draining(true);
-        let turn = self.guard.drain_turn().clone();
         let state = self.state.clone();
         let user = self.claims.sub.clone();
         let opening = Box::pin(async move {
-            // Never closed; an error would mean the instance is going away.
-            let turn = turn
-                .acquire_owned()
-                .await
-                .map_err(|_| StoreError::ShuttingDown)?;
             let ack_timeout = state.config.ack_timeout;
-            let (count, cursor) = state.store().open_pending(&user, ack_timeout).await?;
-            Ok(Opened {
-                turn,
-                count,
-                cursor,
-            })
+            Ok(
+                match state.store().open_pending(&user, ack_timeout).await? {
+                    (count, Some(cursor)) => Opened::Small { count, cursor },
+                    (count, None) => Opened::Large { count },
+                },
+            )
         });
         self.joining = Some(Joining {
             opening,
             calls: vec![call],
+            count: None,
             held,
         });
         Step::Continue
     }
 
-    /// The join's pending messages are open: answer `joined` and start the drain.
+    /// A step of the join is done: answer `joined` once counted, drain once open.
     fn on_opened(&mut self, opened: Result<Opened, StoreError>) {
-        let Some(joining) = self.joining.take() else {
+        let Some(mut joining) = self.joining.take() else {
             return;
         };
-        let opened = match opened {
-            Ok(opened) => opened,
+        match opened {
+            Ok(Opened::Small { count, cursor }) => {
+                self.answer_joined(count, &mut joining.calls);
+                self.start_drain(cursor, joining.held, None);
+            }
+            Ok(Opened::Large { count }) => {
+                self.answer_joined(count, &mut joining.calls);
+                joining.count = Some(count);
+                joining.opening = self.open_stream();
+                self.joining = Some(joining);
+            }
+            Ok(Opened::Streaming { turn, cursor }) => {
+                // Joins that came while this one waited for its turn.
+                if let Some(count) = joining.count {
+                    self.answer_joined(count, &mut joining.calls);
+                }
+                self.start_drain(cursor, joining.held, Some(turn));
+            }
             Err(e) => {
                 // Not joined after all: what arrived meanwhile goes out as it would have.
                 self.guard.set_draining(false);
@@ -480,23 +501,52 @@ impl Session {
                         self.outbox.push(error_answer(call, wire.clone()));
                     }
                 }
-                return;
             }
-        };
+        }
+    }
+
+    /// Waits for the user's drain turn on this instance, then opens the stream: one large
+    /// drain at a time per user, so the cursors' read-ahead of many sockets does not add up.
+    fn open_stream(&self) -> Opening {
+        let turn = self.guard.drain_turn().clone();
+        let state = self.state.clone();
+        let user = self.claims.sub.clone();
+        Box::pin(async move {
+            // Never closed; an error would mean the instance is going away.
+            let turn = turn
+                .acquire_owned()
+                .await
+                .map_err(|_| StoreError::ShuttingDown)?;
+            let ack_timeout = state.config.ack_timeout;
+            let cursor = state.store().stream_pending(&user, ack_timeout).await?;
+            Ok(Opened::Streaming { turn, cursor })
+        })
+    }
+
+    /// One `joined` (and its answer, for a call) per waiting `join_chat`.
+    fn answer_joined(&mut self, pending: u64, calls: &mut Vec<Option<CallId>>) {
         let joined = Joined {
             user_id: self.claims.sub.clone(),
             instance: self.state.instance().to_owned(),
-            pending: opened.count,
+            pending,
         };
         let frame = ServerFrame::Joined(joined.clone()).encode_out();
-        for call in joining.calls {
+        for call in calls.drain(..) {
             self.outbox.push(frame.clone());
             if let Some(call) = call {
                 self.outbox.push(Out::Answer(call, to_json(&joined)));
             }
         }
+    }
+
+    fn start_drain(
+        &mut self,
+        cursor: Pending,
+        held: VecDeque<Queued>,
+        turn: Option<OwnedSemaphorePermit>,
+    ) {
         let cutoff = overdue_cutoff(self.state.config.ack_timeout);
-        self.drain = Some(Drain::new(opened.cursor, cutoff, joining.held, opened.turn));
+        self.drain = Some(Drain::new(cursor, cutoff, held, turn));
     }
 
     /// Neither joining nor draining: live frames go straight out.

@@ -13,8 +13,10 @@ use super::message::overdue_cutoff;
 use super::{BufferedMessage, Store, StoreError};
 
 /// A join reads up to this many pending messages per half in one go and counts them
-/// itself; above it, the join counts first and then streams.
-const SMALL_BACKLOG: i64 = 100;
+/// itself; above it, the join counts, and streams later ([`Store::stream_pending`]). Small
+/// enough that what a socket holds before its drain is bounded: 2 × 32 messages of at
+/// most 16 KiB, about 1 MiB.
+const SMALL_BACKLOG: i64 = 32;
 /// Documents per `getMore` of a streamed drain. A drain's read-ahead is the one buffer
 /// outside the byte budgets (the driver holds each batch whole): two cursors of 256
 /// messages of at most 16 KiB stay under 9 MiB, and a user drains one socket at a time.
@@ -50,14 +52,15 @@ impl Store {
     /// The index each of [`Store::drain_filters`] is read from.
     pub const DRAIN_HINTS: [&'static str; 2] = [DRAIN_INDEX, UNACKED_INDEX];
 
-    /// What a join needs: how many messages are pending for `user`, and all of them, oldest
-    /// first. A small backlog (the usual case) is read whole, one limited read per half,
-    /// and counted from what was read; a larger one is counted and then streamed.
+    /// What a join needs first: how many messages are pending for `user`, and, when there
+    /// are few (the usual case), all of them, oldest first: one limited read per half,
+    /// counted from what was read. A larger backlog is only counted (`None`): the caller
+    /// streams it with [`Store::stream_pending`] when it is ready to.
     pub async fn open_pending(
         &self,
         user: &str,
         ack_timeout: Duration,
-    ) -> Result<(u64, Pending), StoreError> {
+    ) -> Result<(u64, Option<Pending>), StoreError> {
         let [undelivered, overdue] = self.pending_finds(user, ack_timeout).map(|find| {
             find.limit(SMALL_BACKLOG + 1)
                 .batch_size(SMALL_BACKLOG as u32 + 1)
@@ -71,10 +74,10 @@ impl Store {
             let mut all = undelivered;
             all.extend(overdue);
             all.sort_by_key(|m| m.id);
-            return Ok((all.len() as u64, Pending::loaded(all)));
+            return Ok((all.len() as u64, Some(Pending::loaded(all))));
         }
         let count = self.count_pending(user, ack_timeout).await?;
-        Ok((count, self.stream_pending(user, ack_timeout).await?))
+        Ok((count, None))
     }
 
     /// How many messages a join will drain: the two halves counted apart, each from its
@@ -97,7 +100,7 @@ impl Store {
     }
 
     /// Every pending message of `user`, oldest first, streamed in batches.
-    async fn stream_pending(
+    pub async fn stream_pending(
         &self,
         user: &str,
         ack_timeout: Duration,

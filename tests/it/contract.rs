@@ -69,6 +69,21 @@ async fn http_errors_are_json_with_the_documented_status() {
         .expect("count");
     assert_eq!(stored, 0, "a refused body stores nothing");
 
+    // A 1 MB token: 431, JSON (a head over 32 KiB).
+    let huge = "t".repeat(1 << 20);
+    let (s, body) = http(
+        "GET",
+        &a.http("/api/messages/buffer-stats"),
+        Some(&huge),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, error_code(&body).as_str()),
+        (431, "too_large"),
+        "{body}"
+    );
+
     // A method the route does not take: 405, JSON.
     let (s, body) = http("PUT", &a.http("/api/messages"), Some(&alice), Some("{}")).await;
     assert_eq!(s, 405, "{body}");

@@ -31,7 +31,7 @@ enum Packet {
 }
 
 /// A Socket.IO client written by hand, over a WebSocket.
-struct Sio {
+pub(crate) struct Sio {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
@@ -66,7 +66,7 @@ impl Sio {
     }
 
     /// Connected and joined as `user`.
-    async fn joined(addr: SocketAddr, user: &str) -> Sio {
+    pub(crate) async fn joined(addr: SocketAddr, user: &str) -> Sio {
         let (mut s, connected) = Self::connect(addr, json!({"token": token(user)})).await;
         connected.expect("connected");
         s.emit("join_chat", json!(user)).await;
@@ -682,4 +682,90 @@ async fn raw_http_text(
     }
     let _ = s.read_to_end(&mut out).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server ends the socket within `timeout`: a namespace disconnect (`41`) or
+/// the connection closing.
+async fn disconnected_within(s: &mut Sio, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match s.try_next(left).await {
+            Some(Packet::Closed) => return true,
+            Some(Packet::Other(t)) if t == "41" => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+}
+
+/// The hostile-client limits of `/ws`, over Socket.IO: a repeated `clientMsgId` answers the
+/// stored id, the send limit is the user's across both transports, join and ack floods get
+/// `rate_limited`, and an expired token ends the socket.
+#[tokio::test]
+async fn the_v1_limits_hold_over_socketio_and_the_send_limit_is_shared_with_v1() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("sio_limits");
+    let mut config = test_config(&rs, &db, "A");
+    config.rate_limit = 1;
+    config.rate_burst = 10;
+    let a = Instance::start(config).await;
+    let mut s = Sio::joined(a.addr, "mallory").await;
+
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        s.call(
+            i,
+            "chat_message",
+            json!({"to": "bob", "chatId": "c", "message": "m", "clientMsgId": "same"}),
+        )
+        .await;
+        ids.push(id_of(&s.expect_ack(i).await));
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "one id: {ids:?}");
+    for i in 3..10 {
+        s.emit(
+            "chat_message",
+            json!({"to": "bob", "chatId": "c", "message": format!("m{i}")}),
+        )
+        .await;
+    }
+    let mut v1 = a.connect("mallory").await;
+    let mut refused = 0;
+    for _ in 0..3 {
+        v1.chat("bob", "c", "over v1", None).await.expect("send");
+        let ev = v1.next_event(T).await.expect("an answer");
+        if ev.event == "error" && ev.data["code"] == "rate_limited" {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 2,
+        "the burst was spent over Socket.IO: {refused} of 3 refused over v1"
+    );
+
+    for _ in 0..30 {
+        s.emit("join_chat", json!("mallory")).await;
+    }
+    assert_eq!(error_code(&mut s).await, "rate_limited", "a join flood");
+    let many: Vec<String> = (0..1000)
+        .map(|_| mongodb::bson::oid::ObjectId::new().to_hex())
+        .collect();
+    for _ in 0..60 {
+        s.emit("ack", json!({"ids": many})).await;
+    }
+    assert_eq!(error_code(&mut s).await, "rate_limited", "an ack flood");
+
+    // A token that expires while its socket is joined: the server ends the socket.
+    let short = auth()
+        .mint("quinn", false, Duration::from_secs(2))
+        .expect("mint");
+    let (mut q, ok) = Sio::connect(a.addr, json!({"token": short})).await;
+    ok.expect("connected");
+    q.emit("join_chat", json!("quinn")).await;
+    q.expect("joined").await;
+    assert!(
+        disconnected_within(&mut q, Duration::from_secs(10)).await,
+        "the socket outlived its token"
+    );
 }
