@@ -17,42 +17,36 @@
 //! are held and merged in by id, so one sender's messages keep their order; sends are
 //! pipelined (bounded) and answered in order.
 
+mod acks;
 mod drain;
+mod join;
 mod outbox;
 mod recent;
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use futures::stream::FuturesOrdered;
-use futures::{Future, FutureExt, Sink, Stream, StreamExt};
-use mongodb::bson::oid::ObjectId;
-use tokio::sync::OwnedSemaphorePermit;
+use futures::{Future, Sink, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
 use crate::error::Error;
 use crate::error::WireError;
 use crate::limits::SocketLimits;
-use crate::metrics::DeliveryPath;
 use crate::presence::{ConnectionGuard, LiveQueue, Outbound, Queued};
-use crate::protocol::{AckIds, ClientFrame, JoinChat, Joined, SendMessage, ServerFrame};
+use crate::protocol::{ClientFrame, SendMessage, ServerFrame};
 use crate::state::AppState;
-use crate::store::{overdue_cutoff, BufferedMessage, Pending, StoreError};
-use drain::{pop_before, Drain, DRAIN_PAGE};
+use crate::store::BufferedMessage;
+use acks::{AckWrite, MAX_UNRECORDED_ACKS};
+use drain::Drain;
+use join::{next_drained, poll_joining, Joining};
 use outbox::Outbox;
 use recent::RecentIds;
 
 /// Sends in flight per socket before the session stops reading (backpressure).
 const MAX_INFLIGHT: usize = 64;
-/// Acked ids handed to delivery and not yet recorded before the session stops reading.
-/// Each ack frame goes to the record loop at once, where it merges with other sockets'
-/// acks and with the claims of the same messages: holding a socket's acks until its
-/// previous ack write returned made most acks miss their claim's batch (mongod document
-/// updates per delivered message rose from 0.96 to 1.41 in `scripts/bench` throughput).
-const MAX_UNRECORDED_ACKS: usize = 4 * crate::protocol::MAX_ACK_IDS;
 /// Queued frames moved to the outbox in one step, so one busy source does not hold up
 /// the others for long.
 const STEP: usize = 128;
@@ -117,43 +111,6 @@ pub enum End {
 }
 
 type Reply = Pin<Box<dyn Future<Output = Replied> + Send>>;
-/// A join waiting for the user's drain turn, then reading what is pending.
-type Opening = Pin<Box<dyn Future<Output = Result<Opened, StoreError>> + Send>>;
-
-/// The steps of a join before its drain.
-enum Opened {
-    /// Counted, and small enough to be read whole: answer and drain.
-    Small { count: u64, cursor: Pending },
-    /// Counted, too many to read whole: answer, then wait for the user's drain turn.
-    Large { count: u64 },
-    /// The turn came and the stream is open: drain.
-    Streaming {
-        turn: OwnedSemaphorePermit,
-        cursor: Pending,
-    },
-}
-
-/// A join between its frame and its drain.
-struct Joining {
-    opening: Opening,
-    /// The `join_chat` frames this join answers (a join that comes while another is opening
-    /// is answered by it: the drain that follows holds what either would), and the count
-    /// they are answered with once known.
-    calls: Vec<Option<CallId>>,
-    count: Option<u64>,
-    /// Live frames that arrived since the join registered (or during a drain it restarts).
-    held: VecDeque<Queued>,
-}
-type AckWrite = Pin<Box<dyn Future<Output = AckWritten> + Send>>;
-
-/// One ack frame's write, done.
-struct AckWritten {
-    result: Result<(), StoreError>,
-    /// How many ids it recorded (for the unrecorded-acks bound and the call's answer).
-    ids: usize,
-    call: Option<CallId>,
-}
-
 /// One connected, authenticated client.
 pub struct Session {
     state: Arc<AppState>,
@@ -361,301 +318,9 @@ impl Session {
         }));
     }
 
-    fn ack(&mut self, ack: AckIds, call: Option<CallId>) {
-        let parsed: Result<Vec<ObjectId>, _> = ack.ids.iter().map(ObjectId::parse_str).collect();
-        let Ok(ids) = parsed else {
-            return self.refuse(Error::bad_request("`ids` must be 24-hex message ids"), call);
-        };
-        if let Err(e) = self.limits.check_acks(ids.len()) {
-            self.state.metrics().rate_limited.increment(1);
-            return self.reply_error(e, call);
-        }
-        if ids.is_empty() {
-            // Nothing to write: answered at once, not held behind other writes.
-            if let Some(call) = call {
-                self.outbox.push(acked_answer(call, 0));
-            }
-            return;
-        }
-        let n = ids.len();
-        self.unrecorded_acks += n;
-        let state = self.state.clone();
-        let user = self.claims.sub.clone();
-        self.ack_writes.push_back(Box::pin(async move {
-            let result = state.delivery.ack(user, ids).await;
-            AckWritten {
-                result,
-                ids: n,
-                call,
-            }
-        }));
-    }
-
-    fn ack_written(&mut self, written: AckWritten) {
-        self.unrecorded_acks -= written.ids;
-        match (written.result, written.call) {
-            (Ok(()), Some(call)) => self.outbox.push(acked_answer(call, written.ids)),
-            (Ok(()), None) => {}
-            (Err(e), call) => {
-                let e = Error::from(e);
-                e.report();
-                let wire = e.to_wire();
-                self.outbox
-                    .push(ServerFrame::Error(wire.clone()).encode_out());
-                if let Some(call) = call {
-                    self.outbox.push(error_answer(call, wire));
-                }
-            }
-        }
-    }
-
-    /// Registers the session, answers `joined`, then starts draining pending messages
-    /// oldest first. Registration comes first, so a message inserted during the drain is
-    /// either in the drain or queued live (and then skipped if it was both).
-    async fn join(&mut self, join: JoinChat, call: Option<CallId>) -> Step {
-        if join
-            .user_id
-            .as_deref()
-            .is_some_and(|u| u != self.claims.sub)
-        {
-            self.refuse(Error::forbidden("`userId` must be the token's user"), call);
-            return Step::Continue;
-        }
-        if let Err(e) = self.limits.check_join() {
-            self.state.metrics().rate_limited.increment(1);
-            self.reply_error(e, call);
-            return Step::Continue;
-        }
-        if let Some(queue) = self.guard.join(self.overflow.clone()) {
-            self.queue = Some(queue);
-        }
-        if let Some(joining) = self.joining.as_mut() {
-            joining.calls.push(call);
-            return Step::Continue;
-        }
-        // A join during a drain starts over; what was written stays filtered by id.
-        let held = match self.drain.take() {
-            Some(mut drain) => {
-                self.record_drained(&mut drain).await;
-                std::mem::take(&mut drain.held)
-            }
-            None => VecDeque::new(),
-        };
-        self.guard.set_draining(true);
-        let state = self.state.clone();
-        let user = self.claims.sub.clone();
-        let opening = Box::pin(async move {
-            let ack_timeout = state.config.ack_timeout;
-            Ok(
-                match state.store().open_pending(&user, ack_timeout).await? {
-                    (count, Some(cursor)) => Opened::Small { count, cursor },
-                    (count, None) => Opened::Large { count },
-                },
-            )
-        });
-        self.joining = Some(Joining {
-            opening,
-            calls: vec![call],
-            count: None,
-            held,
-        });
-        Step::Continue
-    }
-
-    /// A step of the join is done: answer `joined` once counted, drain once open.
-    fn on_opened(&mut self, opened: Result<Opened, StoreError>) {
-        let Some(mut joining) = self.joining.take() else {
-            return;
-        };
-        match opened {
-            Ok(Opened::Small { count, cursor }) => {
-                self.answer_joined(count, &mut joining.calls);
-                self.start_drain(cursor, joining.held, None);
-            }
-            Ok(Opened::Large { count }) => {
-                self.answer_joined(count, &mut joining.calls);
-                joining.count = Some(count);
-                joining.opening = self.open_stream();
-                self.joining = Some(joining);
-            }
-            Ok(Opened::Streaming { turn, cursor }) => {
-                // Joins that came while this one waited for its turn.
-                if let Some(count) = joining.count {
-                    self.answer_joined(count, &mut joining.calls);
-                }
-                self.start_drain(cursor, joining.held, Some(turn));
-            }
-            Err(e) => {
-                // Not joined after all: what arrived meanwhile goes out as it would have.
-                self.guard.set_draining(false);
-                for item in joining.held {
-                    write_filtered(&mut self.outbox, &mut self.sent, item);
-                }
-                let e = Error::from(e);
-                e.report();
-                let wire = e.to_wire();
-                for call in joining.calls {
-                    self.outbox
-                        .push(ServerFrame::Error(wire.clone()).encode_out());
-                    if let Some(call) = call {
-                        self.outbox.push(error_answer(call, wire.clone()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits for the user's drain turn on this instance, then opens the stream: one large
-    /// drain at a time per user, so the cursors' read-ahead of many sockets does not add up.
-    fn open_stream(&self) -> Opening {
-        let turn = self.guard.drain_turn().clone();
-        let state = self.state.clone();
-        let user = self.claims.sub.clone();
-        Box::pin(async move {
-            // Never closed; an error would mean the instance is going away.
-            let turn = turn
-                .acquire_owned()
-                .await
-                .map_err(|_| StoreError::ShuttingDown)?;
-            let ack_timeout = state.config.ack_timeout;
-            let cursor = state.store().stream_pending(&user, ack_timeout).await?;
-            Ok(Opened::Streaming { turn, cursor })
-        })
-    }
-
-    /// One `joined` (and its answer, for a call) per waiting `join_chat`.
-    fn answer_joined(&mut self, pending: u64, calls: &mut Vec<Option<CallId>>) {
-        let joined = Joined {
-            user_id: self.claims.sub.clone(),
-            instance: self.state.instance().to_owned(),
-            pending,
-        };
-        let frame = ServerFrame::Joined(joined.clone()).encode_out();
-        for call in calls.drain(..) {
-            self.outbox.push(frame.clone());
-            if let Some(call) = call {
-                self.outbox.push(Out::Answer(call, to_json(&joined)));
-            }
-        }
-    }
-
-    fn start_drain(
-        &mut self,
-        cursor: Pending,
-        held: VecDeque<Queued>,
-        turn: Option<OwnedSemaphorePermit>,
-    ) {
-        let cutoff = overdue_cutoff(self.state.config.ack_timeout);
-        self.drain = Some(Drain::new(cursor, cutoff, held, turn));
-    }
-
     /// Neither joining nor draining: live frames go straight out.
     fn settled(&self) -> bool {
         self.joining.is_none() && self.drain.is_none()
-    }
-
-    /// Writes the drained message `first` and whatever else the cursor has ready, merged
-    /// with the live pushes that arrived meanwhile.
-    async fn on_drained(&mut self, first: Option<Result<BufferedMessage, StoreError>>) -> Step {
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(item) = next.take() {
-            match item {
-                Some(Ok(msg)) => {
-                    if let Step::End(end) = self.write_drained(msg).await {
-                        return Step::End(end);
-                    }
-                }
-                Some(Err(e)) => {
-                    // What was not drained stays pending; the sweep or the next join
-                    // picks it up.
-                    self.end_drain().await;
-                    self.reply_error(Error::from(e), None);
-                    return Step::Continue;
-                }
-                None => {
-                    self.end_drain().await;
-                    return Step::Continue;
-                }
-            }
-            n += 1;
-            if n < STEP && self.outbox.has_room() {
-                // Only what is ready now: a getMore waits in the select, beside the reads.
-                next = match self.drain.as_mut() {
-                    Some(drain) => drain.cursor.next().now_or_never(),
-                    None => None,
-                };
-            }
-        }
-        Step::Continue
-    }
-
-    async fn write_drained(&mut self, msg: BufferedMessage) -> Step {
-        if !self.hold_queued() {
-            return Step::End(self.queue_full());
-        }
-        let Some(drain) = self.drain.as_mut() else {
-            return Step::Continue;
-        };
-        while let Some(item) = pop_before(&mut drain.held, msg.id) {
-            write_filtered(&mut self.outbox, &mut self.sent, item);
-        }
-        if self.sent.insert(msg.id) {
-            let overdue = msg.is_overdue(drain.cutoff);
-            let frame = ServerFrame::ChatMessage(msg.to_wire(overdue));
-            self.outbox.push(frame.encode_out());
-            if overdue {
-                drain.resent.push(msg.id);
-            } else if !msg.delivered {
-                drain.claim.push(msg.id);
-            }
-            drain.since_record += 1;
-        }
-        if drain.since_record >= DRAIN_PAGE {
-            if let Some(mut drain) = self.drain.take() {
-                self.record_drained(&mut drain).await;
-                self.drain = Some(drain);
-            }
-        }
-        Step::Continue
-    }
-
-    /// Moves what the live queue holds into the drain's held frames; false once more than
-    /// a queue's worth is held (a drain does not lift the memory limit).
-    fn hold_queued(&mut self) -> bool {
-        let (Some(queue), Some(drain)) = (self.queue.as_mut(), self.drain.as_mut()) else {
-            return true;
-        };
-        while let Some(item) = queue.try_recv() {
-            drain.held.push_back(item);
-        }
-        drain.held.len() <= self.state.config.queue_capacity
-    }
-
-    /// Ends the drain in progress, if any: held live frames go out, deliveries are recorded.
-    async fn end_drain(&mut self) {
-        if self.drain.is_none() {
-            return;
-        }
-        self.hold_queued();
-        let Some(mut drain) = self.drain.take() else {
-            return;
-        };
-        for item in std::mem::take(&mut drain.held) {
-            write_filtered(&mut self.outbox, &mut self.sent, item);
-        }
-        self.guard.set_draining(false);
-        self.record_drained(&mut drain).await;
-    }
-
-    async fn record_drained(&mut self, drain: &mut Drain) {
-        drain.since_record = 0;
-        let delivery = &self.state.delivery;
-        delivery
-            .claim_later(&self.claims.sub, &drain.claim, DeliveryPath::Drain)
-            .await;
-        drain.claim.clear();
-        delivery.record_redelivered(std::mem::take(&mut drain.resent), &self.state.tasks);
     }
 
     /// Live frames, up to a step's worth, into the outbox.
@@ -706,17 +371,6 @@ fn error_answer(call: CallId, error: WireError) -> Out {
     Out::Answer(call, to_json(&Refused { error }))
 }
 
-fn acked_answer(call: CallId, acked: usize) -> Out {
-    Out::Answer(call, format!(r#"{{"acked":{acked}}}"#).into())
-}
-
-async fn next_drained(drain: &mut Option<Drain>) -> Option<Result<BufferedMessage, StoreError>> {
-    match drain {
-        Some(d) => d.cursor.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn poll_stall(stall: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     match stall {
         Some(s) => s.as_mut().await,
@@ -728,13 +382,6 @@ async fn poll_stall(stall: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
 fn token_expiry(exp: u64) -> tokio::time::Instant {
     let now = crate::auth::unix_now();
     tokio::time::Instant::now() + std::time::Duration::from_secs(exp.saturating_sub(now))
-}
-
-async fn poll_joining(joining: &mut Option<Joining>) -> Result<Opened, StoreError> {
-    match joining {
-        Some(j) => (&mut j.opening).await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn recv_queue(queue: &mut Option<LiveQueue>) -> Option<Queued> {
