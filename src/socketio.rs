@@ -514,6 +514,7 @@ async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     if !ours {
         return next.run(req).await;
     }
+    let req = detach_head(req);
     let allowed = &state.config.allowed_origins;
     let origin = req.headers().get(header::ORIGIN).cloned();
     let origin_ok = allowed.is_empty()
@@ -559,6 +560,34 @@ async fn edge(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
     response
 }
 
+/// The request with its URI and header values copied out of hyper's read buffer.
+///
+/// hyper parses a request head without copying: the URI and every header value are slices
+/// of the connection's 8 KiB read buffer, which stays allocated while any of them lives.
+/// engineioxide keeps the head of the request that opened an Engine.IO session for the
+/// socket's whole life (`Socket::req_parts`), so every Socket.IO connection pinned a whole
+/// read buffer: heaptrack of 4,000 idle joined WebSocket connections showed 8,192 bytes
+/// each still held from hyper's `poll_read_head`, of 35.6 KiB per connection in all (a v1
+/// socket drops its request after the handshake, 11.4 KiB). The copies cost the bytes of
+/// the head.
+fn detach_head(req: Request) -> Request {
+    let (mut parts, body) = req.into_parts();
+    if let Ok(uri) = parts.uri.to_string().parse() {
+        // `Uri: FromStr` copies; a URI that does not print back (none hyper accepts) stays.
+        parts.uri = uri;
+    }
+    let mut headers = axum::http::HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        // Header names are already owned (hyper copies them); values hyper accepted are
+        // valid for `from_bytes`, and one that were not would stay as it is.
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        headers.append(name.clone(), copy);
+    }
+    parts.headers = headers;
+    Request::from_parts(parts, body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,6 +613,45 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_detached_head_shares_no_bytes_with_the_read_buffer() {
+        // A head as hyper builds it: URI and values are slices of one buffer.
+        const URI: &[u8] = b"/socket.io/?EIO=4&transport=websocket&token=t";
+        let buffer =
+            Bytes::from_static(b"/socket.io/?EIO=4&transport=websocket&token=t abc a\xffb");
+        let at = |from: usize, len: usize| buffer.slice(URI.len() + from..URI.len() + from + len);
+        let mut req = Request::new(axum::body::Body::empty());
+        *req.uri_mut() =
+            axum::http::Uri::from_maybe_shared(buffer.slice(0..URI.len())).expect("uri");
+        let value = |b: Bytes| HeaderValue::from_maybe_shared(b).expect("a header value");
+        req.headers_mut().append(header::COOKIE, value(at(1, 1)));
+        req.headers_mut().append(header::COOKIE, value(at(2, 2)));
+        let mut secret = value(at(5, 3));
+        secret.set_sensitive(true);
+        req.headers_mut().insert(header::AUTHORIZATION, secret);
+        let within = |p: *const u8| buffer.as_ptr_range().contains(&p);
+        assert!(within(
+            req.headers()[header::AUTHORIZATION].as_bytes().as_ptr()
+        ));
+
+        let req = detach_head(req);
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket&token=t");
+        assert_eq!(req.uri().query(), Some("EIO=4&transport=websocket&token=t"));
+        let cookies: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a", "bc"]);
+        let auth = &req.headers()[header::AUTHORIZATION];
+        assert_eq!(auth.as_bytes(), b"a\xffb");
+        assert!(auth.is_sensitive());
+        for (_, v) in req.headers() {
+            assert!(
+                !within(v.as_bytes().as_ptr()),
+                "{v:?} still points into the buffer"
+            );
+        }
+        let query = req.uri().query().expect("query");
+        assert!(!within(query.as_ptr()));
     }
 
     #[test]
