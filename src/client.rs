@@ -469,9 +469,9 @@ enum AppText {
     Event(Utf8Bytes, usize),
 }
 
-/// Engine.IO's open packet (`0{...}`): only what shows it is one.
+/// Engine.IO's open packet (`0{"sid", "pingInterval", ...}`): only what shows it is one
+/// (the heartbeat needs no settings here: the server pings, `recv` answers).
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct OpenPacket {
     #[allow(dead_code)]
     sid: String,
