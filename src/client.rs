@@ -1,17 +1,24 @@
-//! A small protocol-v1 client (tokio-tungstenite) that speaks the wire enums of
-//! [`crate::protocol`], shared by `msgbuf smoke`, the load generator and the integration
-//! tests.
+//! A small client (tokio-tungstenite) that speaks the wire enums of [`crate::protocol`]
+//! over protocol v1 (`/ws`) or over Socket.IO framing on a raw WebSocket (`/socket.io/`,
+//! Engine.IO v4 / Socket.IO v5, default namespace), shared by `msgbuf smoke`, the load
+//! generator and the integration tests. Either way the caller sends [`ClientFrame`]s and
+//! reads [`ServerFrame`]s; the framing, the Socket.IO connect and the Engine.IO heartbeat
+//! are handled here.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use serde::de::{DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::protocol::{AckIds, ClientFrame, JoinChat, SendMessage, ServerFrame};
@@ -26,18 +33,82 @@ pub enum ClientError {
     Closed(Option<u16>),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
+    /// Socket.IO: the server refused the namespace connect (`44{"message"}`).
+    #[error("socket.io connect_error: {0}")]
+    ConnectError(String),
+    /// Socket.IO: the server disconnected the socket (`41`) or closed the Engine.IO
+    /// session (`1`).
+    #[error("disconnected by the server (socket.io)")]
+    Disconnected,
 }
 
 /// One server event.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Event {
     pub event: String,
+    #[serde(default)]
     pub data: Value,
 }
 
-/// How a client connects: buffer sizes and the local address of its socket.
+/// The wire protocol a client speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Proto {
+    /// Protocol v1 on `/ws`: `{"event", "data"}` text frames, the token as bearer header.
+    #[default]
+    V1,
+    /// Socket.IO v5 over Engine.IO v4 on `/socket.io/`, WebSocket transport only: the
+    /// token in the namespace CONNECT's auth payload, events `42["event",data]`.
+    SocketIo,
+}
+
+impl Proto {
+    /// The URL of this protocol's endpoint on the server `url` names: v1 takes `url` as it
+    /// is; Socket.IO keeps its scheme and authority and asks for `/socket.io/` over
+    /// WebSocket (a URL already on `/socket.io` is kept, so a caller can choose a query).
+    pub fn endpoint(self, url: &str) -> String {
+        match self {
+            Proto::V1 => url.to_owned(),
+            Proto::SocketIo => {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
+                let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+                let path = &rest[authority.len()..];
+                if path.starts_with("/socket.io") {
+                    url.to_owned()
+                } else {
+                    format!("{scheme}://{authority}{SOCKETIO_PATH}")
+                }
+            }
+        }
+    }
+}
+
+/// Engine.IO v4 over WebSocket from the first request (no long-polling, no upgrade).
+const SOCKETIO_PATH: &str = "/socket.io/?EIO=4&transport=websocket";
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::V1 => "v1",
+            Proto::SocketIo => "socketio",
+        })
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "v1" => Ok(Proto::V1),
+            "socketio" | "socket.io" => Ok(Proto::SocketIo),
+            _ => Err(format!("unknown protocol {s:?}: v1 or socketio")),
+        }
+    }
+}
+
+/// How a client connects: protocol, buffer sizes and the local address of its socket.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
+    pub proto: Proto,
     /// Bytes read from the socket at a time. Small for many idle sockets; large enough
     /// for a drain's burst otherwise.
     pub read_buffer: usize,
@@ -51,6 +122,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
+            proto: Proto::V1,
             read_buffer: 8 * 1024,
             max_message: 1 << 20,
             local_addr: None,
@@ -70,6 +142,11 @@ impl ClientConfig {
 
 pub struct WsClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    proto: Proto,
+    /// Socket.IO: an Engine.IO ping was read and its pong is not sent yet. It is sent at the
+    /// start of the next read, so a read cancelled mid-pong sends it again instead of
+    /// losing it (a second pong is harmless; a missing one ends the session).
+    pong_owed: bool,
 }
 
 impl WsClient {
@@ -78,13 +155,15 @@ impl WsClient {
         Self::connect_with(url, token, &ClientConfig::default()).await
     }
 
-    /// Connects with `config`: TCP (from `config.local_addr` when set), then the handshake.
+    /// Connects with `config`: TCP (from `config.local_addr` when set), then the handshake
+    /// (and for Socket.IO the namespace connect). `url` is the endpoint itself; see
+    /// [`Proto::endpoint`].
     pub async fn connect_with(
         url: &str,
         token: &str,
         config: &ClientConfig,
     ) -> Result<Self, ClientError> {
-        let request = request(url, token)?;
+        let request = request(url, token, config.proto)?;
         if request.uri().scheme_str() != Some("ws") {
             // No TLS in this build: a wss:// URL must fail, not talk plain TCP to it.
             return Err(ClientError::Unexpected(format!("only ws:// URLs: {url}")));
@@ -118,22 +197,24 @@ impl WsClient {
                 socket.connect(remote).await.map_err(io)?
             }
         };
-        Self::handshake_request(tcp, request, config).await
+        Self::handshake_request(tcp, request, token, config).await
     }
 
-    /// The WebSocket handshake over a TCP stream the caller opened.
+    /// The WebSocket handshake (and for Socket.IO the namespace connect) over a TCP
+    /// stream the caller opened.
     pub async fn handshake(
         tcp: TcpStream,
         url: &str,
         token: &str,
         config: &ClientConfig,
     ) -> Result<Self, ClientError> {
-        Self::handshake_request(tcp, request(url, token)?, config).await
+        Self::handshake_request(tcp, request(url, token, config.proto)?, token, config).await
     }
 
     async fn handshake_request(
         tcp: TcpStream,
         request: Request,
+        token: &str,
         config: &ClientConfig,
     ) -> Result<Self, ClientError> {
         tcp.set_nodelay(true).map_err(io)?;
@@ -143,19 +224,66 @@ impl WsClient {
             Some(config.websocket()),
         )
         .await?;
-        Ok(WsClient { ws })
+        let mut client = WsClient {
+            ws,
+            proto: config.proto,
+            pong_owed: false,
+        };
+        if config.proto == Proto::SocketIo {
+            client.socketio_connect(token).await?;
+        }
+        Ok(client)
     }
 
+    /// Engine.IO's open packet, then the default namespace's CONNECT with the token in
+    /// its auth payload, as socket.io-client sends `io(url, { auth: { token } })`.
+    async fn socketio_connect(&mut self, token: &str) -> Result<(), ClientError> {
+        let open = self.next_text().await?;
+        match packet(open.as_str()) {
+            Packet::Open(json) if serde_json::from_str::<OpenPacket>(json).is_ok() => {}
+            _ => return Err(ClientError::Unexpected(open.to_string())),
+        }
+        let auth = serde_json::to_string(&ConnectAuth { token })
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        self.send_raw(format!("40{auth}")).await?;
+        loop {
+            let text = self.next_text().await?;
+            match packet(text.as_str()) {
+                Packet::Connect(_) => return Ok(()),
+                Packet::ConnectError(message) => return Err(ClientError::ConnectError(message)),
+                Packet::Close | Packet::Disconnect => return Err(ClientError::Disconnected),
+                Packet::Ping | Packet::Pong | Packet::Noop => continue,
+                // Nothing else comes before the namespace is connected.
+                _ => return Err(ClientError::Unexpected(text.to_string())),
+            }
+        }
+    }
+
+    /// The protocol this client speaks.
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// Sends a client frame in this client's protocol.
     pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
-        self.send_raw(frame.encode()).await
+        let text = match self.proto {
+            Proto::V1 => frame.encode(),
+            Proto::SocketIo => socketio_event(frame)?,
+        };
+        self.send_raw(text).await
     }
 
+    /// Sends any event (a name the server may not know, data of any shape).
     pub async fn send_event(&mut self, event: &str, data: Value) -> Result<(), ClientError> {
-        self.send_raw(json!({"event": event, "data": data}).to_string())
-            .await
+        let text = match self.proto {
+            Proto::V1 => json!({"event": event, "data": data}).to_string(),
+            Proto::SocketIo => format!("42{}", json!([event, data])),
+        };
+        self.send_raw(text).await
     }
 
-    /// Sends one text frame as it is (an encoded frame, or anything a test wants to try).
+    /// Sends one text frame as it is (an encoded frame, or anything a test wants to try):
+    /// no Socket.IO framing is added.
     pub async fn send_raw(&mut self, text: String) -> Result<(), ClientError> {
         self.ws.send(Message::Text(text.into())).await?;
         Ok(())
@@ -166,18 +294,24 @@ impl WsClient {
         Ok(())
     }
 
-    /// The next server frame, decoded; pings, pongs and binary frames are skipped. A text
-    /// frame that is not a server frame is `Unexpected` (the socket stays usable); a close
-    /// is `Closed` with its code. Cancel-safe: a frame is only taken off the socket in the
-    /// same poll that returns it, so this can sit in a `select!`.
-    pub async fn recv(&mut self) -> Result<ServerFrame, ClientError> {
+    /// The next text frame, with WebSocket pings, pongs and binary frames skipped and, for
+    /// Socket.IO, Engine.IO pings answered. Cancel-safe: a frame is only taken off the
+    /// socket in the same poll that returns it (or that records the pong it asks for).
+    async fn next_text(&mut self) -> Result<Utf8Bytes, ClientError> {
         loop {
+            if self.pong_owed {
+                self.ws.send(Message::Text(PONG.into())).await?;
+                self.pong_owed = false;
+            }
             match self.ws.next().await {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str())
-                        .map_err(|_| ClientError::Unexpected(t.to_string()))
+                    if self.proto == Proto::SocketIo && t.as_str() == PING {
+                        self.pong_owed = true;
+                        continue;
+                    }
+                    return Ok(t);
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Err(ClientError::Closed(frame.map(|f| f.code.into())))
@@ -187,29 +321,67 @@ impl WsClient {
         }
     }
 
+    /// The next application message: a v1 frame, or the argument array of a Socket.IO
+    /// event. Engine.IO and Socket.IO control packets are handled here; an acknowledgement
+    /// (this client asks for none) or any other packet is `Unexpected`.
+    async fn next_message(&mut self) -> Result<AppText, ClientError> {
+        loop {
+            let text = self.next_text().await?;
+            if self.proto == Proto::V1 {
+                return Ok(AppText::V1(text));
+            }
+            match packet(text.as_str()) {
+                Packet::Event(args) => {
+                    let at = text.len() - args.len();
+                    return Ok(AppText::Event(text, at));
+                }
+                Packet::Close | Packet::Disconnect => return Err(ClientError::Disconnected),
+                Packet::ConnectError(message) => return Err(ClientError::ConnectError(message)),
+                Packet::Ping
+                | Packet::Pong
+                | Packet::Noop
+                | Packet::Open(_)
+                | Packet::Connect(_) => continue,
+                Packet::Ack(..) | Packet::Other => {
+                    return Err(ClientError::Unexpected(text.to_string()))
+                }
+            }
+        }
+    }
+
+    /// The next server frame, decoded; pings, pongs and binary frames are skipped (and
+    /// Engine.IO pings answered). A message that is not a server frame is `Unexpected`
+    /// (the socket stays usable); a close is `Closed` with its code, a Socket.IO
+    /// disconnect `Disconnected`. Cancel-safe: a frame is only taken off the socket in the
+    /// same poll that returns it, so this can sit in a `select!`.
+    pub async fn recv(&mut self) -> Result<ServerFrame, ClientError> {
+        match self.next_message().await? {
+            AppText::V1(t) => {
+                serde_json::from_str(t.as_str()).map_err(|_| ClientError::Unexpected(t.to_string()))
+            }
+            AppText::Event(t, at) => serde_json::from_str::<EventArgs<ServerFrame>>(&t[at..])
+                .map(|args| args.0)
+                .map_err(|_| ClientError::Unexpected(t.to_string())),
+        }
+    }
+
     /// The next event, or `Closed` with the close code.
     pub async fn next_event(&mut self, timeout: Duration) -> Result<Event, ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| ClientError::Timeout("an event".into()))?;
-            match frame {
-                None => return Err(ClientError::Closed(None)),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(t.as_str())
-                        .map_err(|_| ClientError::Unexpected(t.to_string()))?;
-                    return Ok(Event {
-                        event: v["event"].as_str().unwrap_or_default().to_owned(),
-                        data: v["data"].clone(),
-                    });
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(ClientError::Closed(frame.map(|f| f.code.into())))
-                }
-                Some(Ok(_)) => continue,
+        let message = tokio::time::timeout(timeout, self.next_message())
+            .await
+            .map_err(|_| ClientError::Timeout("an event".into()))??;
+        match message {
+            AppText::V1(t) => {
+                let v: Value = serde_json::from_str(t.as_str())
+                    .map_err(|_| ClientError::Unexpected(t.to_string()))?;
+                Ok(Event {
+                    event: v["event"].as_str().unwrap_or_default().to_owned(),
+                    data: v["data"].clone(),
+                })
             }
+            AppText::Event(t, at) => serde_json::from_str::<EventArgs<Event>>(&t[at..])
+                .map(|args| args.0)
+                .map_err(|_| ClientError::Unexpected(t.to_string())),
         }
     }
 
@@ -255,21 +427,475 @@ impl WsClient {
             .await
     }
 
+    /// Closes the connection (a Socket.IO client leaves its namespace first, as
+    /// `socket.disconnect()` does).
     pub async fn close(mut self) {
+        if self.proto == Proto::SocketIo {
+            let _ = self.send_raw(DISCONNECT.to_owned()).await;
+        }
         let _ = self.ws.close(None).await;
     }
 }
 
-/// The handshake request for `url` with `token` as bearer header.
-fn request(url: &str, token: &str) -> Result<Request, ClientError> {
+/// The handshake request for `url`: v1 carries `token` as bearer header; Socket.IO sends
+/// it in the namespace CONNECT instead, as a browser client does.
+fn request(url: &str, token: &str, proto: Proto) -> Result<Request, ClientError> {
     let mut request = url.into_client_request()?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ClientError::Unexpected("token is not a valid header value".into()))?;
-    request.headers_mut().insert("Authorization", value);
+    if proto == Proto::V1 {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Unexpected("token is not a valid header value".into()))?;
+        request.headers_mut().insert("Authorization", value);
+    }
     Ok(request)
 }
 
 fn io(e: std::io::Error) -> ClientError {
     ClientError::Ws(e.into())
+}
+
+// ---------------------------------------------------------------- Socket.IO framing
+
+/// Engine.IO v4 heartbeat: the server pings, the client answers.
+const PING: &str = "2";
+const PONG: &str = "3";
+/// Socket.IO DISCONNECT of the default namespace.
+const DISCONNECT: &str = "41";
+
+/// An application message as read off the socket, before it is decoded.
+enum AppText {
+    V1(Utf8Bytes),
+    /// A Socket.IO event packet and the offset of its argument array in it.
+    Event(Utf8Bytes, usize),
+}
+
+/// Engine.IO's open packet (`0{"sid", "pingInterval", ...}`): only what shows it is one
+/// (the heartbeat needs no settings here: the server pings, `recv` answers).
+#[derive(Deserialize)]
+struct OpenPacket {
+    #[allow(dead_code)]
+    sid: String,
+}
+
+/// The namespace CONNECT's auth payload.
+#[derive(Serialize)]
+struct ConnectAuth<'a> {
+    token: &'a str,
+}
+
+/// `connect_error`'s data.
+#[derive(Deserialize)]
+struct ConnectErrorData {
+    message: String,
+}
+
+/// An Engine.IO packet (one per WebSocket message in v4) and, inside message packets,
+/// the Socket.IO packet of the default namespace.
+#[derive(Debug, PartialEq)]
+enum Packet<'a> {
+    /// `0{...}`
+    Open(&'a str),
+    /// `1`
+    Close,
+    /// `2`
+    Ping,
+    /// `3`
+    Pong,
+    /// `6`
+    Noop,
+    /// `40{"sid"}`
+    Connect(&'a str),
+    /// `41`
+    Disconnect,
+    /// `42["event",data]`, or `42<id>[...]` when the server asks for an acknowledgement:
+    /// the argument array.
+    Event(&'a str),
+    /// `43<id>[data]`
+    Ack(u64, &'a str),
+    /// `44{"message"}`
+    ConnectError(String),
+    /// Other namespaces, binary packets (`45`, `46`), Engine.IO upgrade packets.
+    Other,
+}
+
+fn packet(text: &str) -> Packet<'_> {
+    match text.as_bytes().first() {
+        Some(b'0') => Packet::Open(&text[1..]),
+        Some(b'1') if text.len() == 1 => Packet::Close,
+        Some(b'2') if text.len() == 1 => Packet::Ping,
+        Some(b'3') if text.len() == 1 => Packet::Pong,
+        Some(b'6') if text.len() == 1 => Packet::Noop,
+        Some(b'4') => socketio_packet(&text[1..]),
+        _ => Packet::Other,
+    }
+}
+
+/// A Socket.IO packet: type, then (for the default namespace) an optional ack id, then JSON.
+fn socketio_packet(p: &str) -> Packet<'_> {
+    let Some(kind) = p.as_bytes().first() else {
+        return Packet::Other;
+    };
+    let rest = &p[1..];
+    // A namespace other than "/" is written first (`/admin,`); this client uses only "/".
+    if rest.starts_with('/') {
+        return Packet::Other;
+    }
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let (id, json) = rest.split_at(digits);
+    match kind {
+        b'0' => Packet::Connect(rest),
+        b'1' => Packet::Disconnect,
+        b'2' => Packet::Event(json),
+        b'3' => match id.parse() {
+            Ok(id) => Packet::Ack(id, json),
+            Err(_) => Packet::Other,
+        },
+        b'4' => Packet::ConnectError(
+            serde_json::from_str::<ConnectErrorData>(rest)
+                .map(|d| d.message)
+                .unwrap_or_else(|_| rest.to_owned()),
+        ),
+        _ => Packet::Other,
+    }
+}
+
+/// A client frame as a Socket.IO event, `42["event",data]`: the v1 frame's event name and
+/// data as the event's name and only argument (`decode_socketio` reads them back).
+fn socketio_event(frame: &ClientFrame) -> Result<String, ClientError> {
+    let args = match frame {
+        ClientFrame::JoinChat(j) => serde_json::to_string(&("join_chat", j)),
+        ClientFrame::ChatMessage(m) => serde_json::to_string(&("chat_message", m)),
+        ClientFrame::Ack(a) => serde_json::to_string(&("ack", a)),
+    }
+    .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    Ok(format!("42{args}"))
+}
+
+/// A Socket.IO event's arguments, `["event", data, ...]`, read as the v1 frame
+/// `{"event": "event", "data": data}` that `T` deserialises from: the same serde types
+/// decode both protocols. Later arguments are ignored; a missing `data` reads as `null`.
+struct EventArgs<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for EventArgs<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Args<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Args<T> {
+            type Value = EventArgs<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a Socket.IO event array [\"event\", data]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let value =
+                    T::deserialize(serde::de::value::MapAccessDeserializer::new(ArgsAsFields {
+                        seq: &mut seq,
+                        next: 0,
+                    }))?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(EventArgs(value))
+            }
+        }
+        d.deserialize_seq(Args(std::marker::PhantomData))
+    }
+}
+
+/// The first two elements of an event array as the fields `event` and `data`.
+struct ArgsAsFields<'a, A> {
+    seq: &'a mut A,
+    next: u8,
+}
+
+impl<'de, A: SeqAccess<'de>> MapAccess<'de> for ArgsAsFields<'_, A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let key = match self.next {
+            0 => "event",
+            1 => "data",
+            _ => return Ok(None),
+        };
+        seed.deserialize(IntoDeserializer::<'de, A::Error>::into_deserializer(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        let field = self.next;
+        self.next += 1;
+        let mut slot = Some(seed);
+        if let Some(value) = self.seq.next_element_seed(Take(&mut slot))? {
+            return Ok(value);
+        }
+        match (field, slot) {
+            // `["event"]`: an event without data.
+            (1, Some(seed)) => {
+                seed.deserialize(IntoDeserializer::<'de, A::Error>::into_deserializer(()))
+            }
+            _ => Err(serde::de::Error::invalid_length(0, &"an event name")),
+        }
+    }
+}
+
+/// A seed that leaves itself in place when the sequence has no element to give it.
+struct Take<'a, S>(&'a mut Option<S>);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Take<'_, S> {
+    type Value = S::Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<S::Value, D::Error> {
+        match self.0.take() {
+            Some(seed) => seed.deserialize(d),
+            None => Err(serde::de::Error::custom("seed used twice")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode_socketio, Accepted, ChatOut, Joined};
+    use serde_json::value::RawValue;
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::WebSocketStream;
+
+    /// What the server makes of an event packet: name and first argument, through
+    /// socketio.rs's own decoder of event data.
+    fn server_decodes(packet_text: &str) -> ClientFrame {
+        let Packet::Event(args) = packet(packet_text) else {
+            panic!("not an event: {packet_text}");
+        };
+        let parts: Vec<&RawValue> = serde_json::from_str(args).expect("an array");
+        let name: String = serde_json::from_str(parts[0].get()).expect("a name");
+        decode_socketio(&name, parts.get(1).map(|d| d.get())).expect("a valid frame")
+    }
+
+    #[test]
+    fn client_frames_become_events_the_server_decodes_back() {
+        for frame in [
+            ClientFrame::JoinChat(JoinChat::default()),
+            ClientFrame::JoinChat(JoinChat {
+                user_id: Some("alice".into()),
+            }),
+            ClientFrame::ChatMessage(SendMessage {
+                to: "bob".into(),
+                chat_id: "c1".into(),
+                message: "hi \"there\"".into(),
+                client_msg_id: Some("7".into()),
+            }),
+            ClientFrame::Ack(AckIds {
+                ids: vec!["65a0c0ffee0000000000abcd".into()],
+            }),
+        ] {
+            let text = socketio_event(&frame).expect("encodes");
+            assert!(text.starts_with("42[\""), "{text}");
+            assert_eq!(server_decodes(&text), frame, "{text}");
+        }
+    }
+
+    #[test]
+    fn server_events_decode_into_the_v1_frames() {
+        let frames = [
+            ServerFrame::Joined(Joined {
+                user_id: "bob".into(),
+                instance: "a".into(),
+                pending: 3,
+            }),
+            ServerFrame::ChatMessage(ChatOut {
+                id: "65a0c0ffee0000000000abcd".into(),
+                from: "alice".into(),
+                to: "bob".into(),
+                chat_id: "c".into(),
+                message: "m".into(),
+                timestamp: "2026-01-01T00:00:00Z".into(),
+                redelivery: true,
+            }),
+            ServerFrame::MessageAccepted(Accepted {
+                id: "65a0c0ffee0000000000abcd".into(),
+                client_msg_id: Some("1".into()),
+                timestamp: "2026-01-01T00:00:00Z".into(),
+            }),
+        ];
+        for frame in frames {
+            // The server emits the v1 frame's event and data (socketio.rs `emit`).
+            let v1: Value = serde_json::from_str(&frame.encode()).expect("v1 JSON");
+            let args = json!([v1["event"], v1["data"]]).to_string();
+            let decoded: EventArgs<ServerFrame> = serde_json::from_str(&args).expect(&args);
+            assert_eq!(decoded.0, frame);
+            // Later arguments are ignored.
+            let more = json!([v1["event"], v1["data"], {"x": 1}, 5]).to_string();
+            let decoded: EventArgs<ServerFrame> = serde_json::from_str(&more).expect(&more);
+            assert_eq!(decoded.0, frame);
+        }
+        for bad in [
+            r#"[]"#,
+            r#"["joined"]"#,
+            r#"["nope",{}]"#,
+            r#"{"event":"joined"}"#,
+            "[5]",
+        ] {
+            assert!(
+                serde_json::from_str::<EventArgs<ServerFrame>>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let e: EventArgs<Event> = serde_json::from_str(r#"["hello"]"#).expect("no data");
+        assert_eq!((e.0.event.as_str(), e.0.data), ("hello", Value::Null));
+        let e: EventArgs<Event> = serde_json::from_str(r#"["x",[1,2],3]"#).expect("data");
+        assert_eq!(e.0.data, json!([1, 2]));
+    }
+
+    #[test]
+    fn packets_are_sorted_by_engine_io_and_socket_io_type() {
+        assert_eq!(packet(r#"0{"sid":"s"}"#), Packet::Open(r#"{"sid":"s"}"#));
+        assert_eq!(packet("1"), Packet::Close);
+        assert_eq!(packet("2"), Packet::Ping);
+        assert_eq!(packet("3"), Packet::Pong);
+        assert_eq!(packet("6"), Packet::Noop);
+        assert_eq!(
+            packet(r#"40{"sid":"x"}"#),
+            Packet::Connect(r#"{"sid":"x"}"#)
+        );
+        assert_eq!(packet("41"), Packet::Disconnect);
+        assert_eq!(packet(r#"42["a",1]"#), Packet::Event(r#"["a",1]"#));
+        assert_eq!(packet(r#"4217["a",1]"#), Packet::Event(r#"["a",1]"#));
+        assert_eq!(
+            packet(r#"4312[{"acked":1}]"#),
+            Packet::Ack(12, r#"[{"acked":1}]"#)
+        );
+        assert_eq!(
+            packet(r#"44{"message":"invalid token: expired"}"#),
+            Packet::ConnectError("invalid token: expired".into())
+        );
+        for other in [
+            "",
+            "2probe",
+            "5",
+            "4",
+            r#"40/admin,{"sid":"x"}"#,
+            r#"42/admin,["a"]"#,
+            "451-[\"a\",{\"_placeholder\":true,\"num\":0}]",
+            "43[1]",
+            "x",
+        ] {
+            assert_eq!(packet(other), Packet::Other, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn endpoints_per_protocol() {
+        let url = "ws://127.0.0.1:8080/ws";
+        assert_eq!(Proto::V1.endpoint(url), url);
+        assert_eq!(
+            Proto::SocketIo.endpoint(url),
+            "ws://127.0.0.1:8080/socket.io/?EIO=4&transport=websocket"
+        );
+        assert_eq!(
+            Proto::SocketIo.endpoint("ws://[::1]:9"),
+            "ws://[::1]:9/socket.io/?EIO=4&transport=websocket"
+        );
+        let own = "ws://h:1/socket.io/?EIO=4&transport=websocket&token=t";
+        assert_eq!(Proto::SocketIo.endpoint(own), own);
+        assert_eq!("socketio".parse(), Ok(Proto::SocketIo));
+        assert_eq!("v1".parse(), Ok(Proto::V1));
+        assert!("v2".parse::<Proto>().is_err());
+        assert_eq!(Proto::SocketIo.to_string(), "socketio");
+    }
+
+    /// A scripted Engine.IO/Socket.IO server on loopback: one connection, `script` run
+    /// on it.
+    async fn server<F, Fut>(script: F) -> (String, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(WebSocketStream<TcpStream>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let ws = tokio_tungstenite::accept_async(tcp)
+                .await
+                .expect("handshake");
+            script(ws).await
+        });
+        (Proto::SocketIo.endpoint(&format!("ws://{addr}/ws")), task)
+    }
+
+    async fn text(ws: &mut WebSocketStream<TcpStream>) -> String {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn say(ws: &mut WebSocketStream<TcpStream>, t: &str) {
+        ws.send(Message::Text(t.to_owned().into()))
+            .await
+            .expect("send");
+    }
+
+    fn config() -> ClientConfig {
+        ClientConfig {
+            proto: Proto::SocketIo,
+            ..ClientConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn socketio_connects_with_the_token_answers_pings_and_frames_events() {
+        let (url, server) = server(|mut ws| async move {
+            say(&mut ws, r#"0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":65536}"#).await;
+            let connect = text(&mut ws).await;
+            let auth: Value = serde_json::from_str(connect.strip_prefix("40").expect("40")).expect("auth");
+            assert_eq!(auth, json!({"token": "jwt"}));
+            say(&mut ws, "2").await; // a ping before the connect is answered, too
+            assert_eq!(text(&mut ws).await, "3");
+            say(&mut ws, r#"40{"sid":"s1"}"#).await;
+            let join = text(&mut ws).await;
+            assert_eq!(join, r#"42["join_chat",{}]"#);
+            say(&mut ws, "2").await;
+            say(&mut ws, r#"43[{"ignored":true}]"#).await; // no ack id: not an ack
+            say(&mut ws, r#"42["joined",{"userId":"bob","instance":"a","pending":0}]"#).await;
+            assert_eq!(text(&mut ws).await, "3");
+            say(&mut ws, "41").await;
+            assert_eq!(text(&mut ws).await, "41");
+        })
+        .await;
+        let mut c = WsClient::connect_with(&url, "jwt", &config())
+            .await
+            .expect("connected");
+        c.send_frame(&ClientFrame::JoinChat(JoinChat::default()))
+            .await
+            .expect("send");
+        assert!(matches!(c.recv().await, Err(ClientError::Unexpected(_))));
+        assert_eq!(
+            c.recv().await.expect("joined"),
+            ServerFrame::Joined(Joined {
+                user_id: "bob".into(),
+                instance: "a".into(),
+                pending: 0
+            })
+        );
+        assert!(matches!(c.recv().await, Err(ClientError::Disconnected)));
+        c.close().await;
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn socketio_connect_error_fails_the_connect() {
+        let (url, server) = server(|mut ws| async move {
+            say(&mut ws, r#"0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":65536}"#).await;
+            let _ = text(&mut ws).await;
+            say(&mut ws, r#"44{"message":"invalid token: expired"}"#).await;
+        })
+        .await;
+        match WsClient::connect_with(&url, "old", &config()).await {
+            Err(ClientError::ConnectError(m)) => assert_eq!(m, "invalid token: expired"),
+            Err(e) => panic!("expected connect_error, got {e}"),
+            Ok(_) => panic!("expected connect_error, got a connection"),
+        }
+        server.await.expect("server script");
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
-use msgbuf::client::{ClientConfig, WsClient};
+use msgbuf::client::{ClientConfig, Proto, WsClient};
 use msgbuf::parse_duration;
 use msgbuf::protocol::ServerFrame;
 use msgbuf::Auth;
@@ -20,6 +20,11 @@ pub struct Common {
     /// Comma-separated WebSocket URLs of the instances (ws://127.0.0.1:PORT/ws).
     #[arg(long, value_delimiter = ',', required = true)]
     pub urls: Vec<String>,
+    /// Wire protocol: `v1` (the URLs as given) or `socketio` (Socket.IO v5 over a raw
+    /// WebSocket on each instance's /socket.io/, token in the namespace CONNECT; a URL on
+    /// another path is taken for its host and port).
+    #[arg(long, default_value = "v1")]
+    pub proto: Proto,
     /// HS256 secret the instances verify tokens with.
     #[arg(long, env = "MSGBUF_JWT_SECRET", hide_env_values = true)]
     pub secret: String,
@@ -47,17 +52,20 @@ pub struct Common {
 
 pub struct Connector {
     auth: Auth,
+    proto: Proto,
 }
 
 impl Connector {
-    pub fn new(secret: &str) -> Self {
+    pub fn new(common: &Common) -> Self {
         Connector {
-            auth: Auth::new(secret, None, None),
+            auth: Auth::new(&common.secret, None, None),
+            proto: common.proto,
         }
     }
 
     /// A token for `user` (minted here with the instances' secret), TCP (bound to
-    /// `source` when given) and the WebSocket handshake.
+    /// `source` when given), the WebSocket handshake and for Socket.IO the namespace
+    /// connect, on `url`'s endpoint for the protocol.
     pub async fn connect(
         &self,
         url: &str,
@@ -67,11 +75,12 @@ impl Connector {
     ) -> anyhow::Result<WsClient> {
         let token = self.auth.mint(user, false, Duration::from_secs(4 * 3600))?;
         let config = ClientConfig {
+            proto: self.proto,
             read_buffer,
             local_addr: source,
             ..ClientConfig::default()
         };
-        Ok(WsClient::connect_with(url, &token, &config).await?)
+        Ok(WsClient::connect_with(&self.proto.endpoint(url), &token, &config).await?)
     }
 
     /// Connects and joins; returns the socket and the `joined` data's `pending`.
@@ -96,7 +105,7 @@ impl Connector {
 
 /// Sends `join_chat` and waits for `joined` (its `pending`); an `error` fails it.
 pub async fn join(ws: &mut WsClient) -> anyhow::Result<u64> {
-    ws.send_raw(frames::join()).await?;
+    ws.send_frame(&frames::join()).await?;
     loop {
         match classify(ws.recv().await) {
             Incoming::Frame(ServerFrame::Joined(j)) => return Ok(j.pending),

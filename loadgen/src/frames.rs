@@ -1,27 +1,27 @@
-//! Every frame the load generator sends is built here; every frame it reads is decoded by
-//! [`WsClient::recv`](msgbuf::client::WsClient::recv) and sorted here.
+//! Every frame the load generator sends is built here (and framed for the connection's
+//! protocol by [`WsClient::send_frame`](msgbuf::client::WsClient::send_frame)); every frame
+//! it reads is decoded by [`WsClient::recv`](msgbuf::client::WsClient::recv) and sorted here.
 
 use msgbuf::client::ClientError;
 use msgbuf::protocol::{AckIds, ClientFrame, JoinChat, SendMessage, ServerFrame};
 
-pub fn join() -> String {
-    ClientFrame::JoinChat(JoinChat::default()).encode()
+pub fn join() -> ClientFrame {
+    ClientFrame::JoinChat(JoinChat::default())
 }
 
 /// A `chat_message` whose `clientMsgId` is the sender's sequence number, so the
 /// `message_accepted` names the send it answers.
-pub fn chat(to: &str, chat: &str, text: &str, seq: u64) -> String {
+pub fn chat(to: &str, chat: &str, text: String, seq: u64) -> ClientFrame {
     ClientFrame::ChatMessage(SendMessage {
         to: to.to_owned(),
         chat_id: chat.to_owned(),
-        message: text.to_owned(),
+        message: text,
         client_msg_id: Some(seq.to_string()),
     })
-    .encode()
 }
 
-pub fn ack(ids: &[String]) -> String {
-    ClientFrame::Ack(AckIds { ids: ids.to_vec() }).encode()
+pub fn ack(ids: Vec<String>) -> ClientFrame {
+    ClientFrame::Ack(AckIds { ids })
 }
 
 /// The sequence number a `message_accepted` or `error` answers (see [`chat`]).
@@ -50,6 +50,7 @@ pub fn classify(received: Result<ServerFrame, ClientError>) -> Incoming {
         Err(ClientError::Unexpected(_)) => Incoming::Other,
         Err(ClientError::Closed(None)) => Incoming::Closed("eof".into()),
         Err(ClientError::Closed(Some(code))) => Incoming::Closed(format!("close {code}")),
+        Err(ClientError::Disconnected) => Incoming::Closed("socket.io disconnect".into()),
         Err(e) => Incoming::Closed(e.to_string()),
     }
 }
@@ -62,17 +63,18 @@ mod tests {
     fn the_server_decodes_every_frame_built_here() {
         for frame in [
             join(),
-            chat("bob", "c1", "t=1;p=0;n=0;xx", 7),
-            ack(&["65a0c0ffee0000000000abcd".to_owned()]),
+            chat("bob", "c1", "t=1;p=0;n=0;xx".into(), 7),
+            ack(vec!["65a0c0ffee0000000000abcd".to_owned()]),
         ] {
-            assert!(msgbuf::protocol::decode(&frame).is_ok(), "{frame}");
+            let text = frame.encode();
+            assert_eq!(msgbuf::protocol::decode(&text), Ok(frame), "{text}");
         }
     }
 
     #[test]
     fn sequence_numbers_round_trip_through_client_msg_id() {
         let frame: serde_json::Value =
-            serde_json::from_str(&chat("bob", "c", "m", 42)).expect("JSON");
+            serde_json::from_str(&chat("bob", "c", "m".into(), 42).encode()).expect("JSON");
         assert_eq!(seq_of(frame["data"]["clientMsgId"].as_str()), Some(42));
         assert_eq!(seq_of(Some("x")), None);
     }

@@ -183,8 +183,8 @@ pub async fn sender_task(
         };
         if go {
             let t = due.unwrap_or_else(now_us);
-            let frame = frames::chat(&to, &chat, &body(t, pair, seq, size), seq);
-            if let Err(e) = ws.send_raw(frame).await {
+            let frame = frames::chat(&to, &chat, body(t, pair, seq, size), seq);
+            if let Err(e) = ws.send_frame(&frame).await {
                 out.closed = Some(e.to_string());
                 break;
             }
@@ -291,9 +291,8 @@ pub async fn receiver_task(
         };
         if flush {
             out.acked += pending_acks.len() as u64;
-            let frame = frames::ack(&pending_acks);
-            pending_acks.clear();
-            if let Err(e) = ws.send_raw(frame).await {
+            let frame = frames::ack(std::mem::take(&mut pending_acks));
+            if let Err(e) = ws.send_frame(&frame).await {
                 out.closed = Some(e.to_string());
                 break;
             }
@@ -301,7 +300,7 @@ pub async fn receiver_task(
     }
     if !pending_acks.is_empty() {
         out.acked += pending_acks.len() as u64;
-        let _ = ws.send_raw(frames::ack(&pending_acks)).await;
+        let _ = ws.send_frame(&frames::ack(pending_acks)).await;
     }
     ws.close().await;
     out
@@ -322,7 +321,7 @@ pub async fn setup_pairs(
     pairs: usize,
     read_buffer: usize,
 ) -> anyhow::Result<(Vec<WsClient>, Vec<WsClient>, String)> {
-    let connector = Arc::new(Connector::new(&common.secret));
+    let connector = Arc::new(Connector::new(common));
     let run = run_id(common);
     let n = common.urls.len();
     let receivers = connect_all(

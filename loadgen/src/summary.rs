@@ -26,15 +26,184 @@ pub fn f(v: &Value, path: &[&str]) -> Option<f64> {
     cur.as_f64()
 }
 
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 11] = [
     "floor",
     "latency",
+    "latency.socketio",
     "throughput",
+    "throughput.socketio",
     "drain",
+    "drain.socketio",
     "idle",
+    "idle.socketio",
     "latency-profile",
     "throughput-profile",
 ];
+
+/// One line of a targets table.
+struct Row {
+    scenario: &'static str,
+    target: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+/// `lost`/`duplicates` of a report: the text and whether both are 0.
+fn clean(v: &Value) -> (String, bool) {
+    let lost = f(v, &["lost"]).unwrap_or(f64::NAN);
+    let dup = f(v, &["duplicates"]).unwrap_or(f64::NAN);
+    (
+        format!("lost {lost}, duplicates {dup}"),
+        lost == 0.0 && dup == 0.0,
+    )
+}
+
+/// Bytes of instance RSS growth per idle connection of result `name` (`idle`,
+/// `idle.socketio`): scripts/bench's own samples of the instance, else the load
+/// generator's.
+fn idle_per_conn(dir: &Path, name: &str) -> Option<f64> {
+    load(dir, &format!("{name}.procs.json"))
+        .and_then(|p| f(&p, &["rss_growth_bytes_per_conn"]))
+        .or_else(|| {
+            load(dir, &format!("{name}.json"))
+                .and_then(|v| f(&v, &["extra", "server_rss_growth_bytes_per_conn"]))
+        })
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut text = String::from("| scenario | target | measured | met |\n|---|---|---|---|\n");
+    for r in rows {
+        text.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.scenario,
+            r.target,
+            r.measured,
+            match r.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "n/a",
+            }
+        ));
+    }
+    text
+}
+
+/// The Socket.IO targets, each against v1 in the same run: at 500 msg/s p50 and p99
+/// ≤ 1.3 × v1's, throughput ≥ 70 % of v1's, idle memory per connection ≤ 1.5 × v1's, and
+/// 0 lost / 0 duplicates in every scenario. Empty when the run has no Socket.IO results.
+fn socketio_rows(dir: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let ratio = |x: f64, base: Option<f64>| match base {
+        Some(b) if b > 0.0 => format!(" ({:.2} × v1)", x / b),
+        _ => String::new(),
+    };
+    let v1_lat = load(dir, "latency.json");
+    if let Some(v) = load(dir, "latency.socketio.json") {
+        for (label, key) in [
+            ("socketio latency p50", "p50"),
+            ("socketio latency p99", "p99"),
+        ] {
+            let x = f(&v, &["latency_ms", key]).unwrap_or(f64::NAN);
+            let base = v1_lat.as_ref().and_then(|b| f(b, &["latency_ms", key]));
+            rows.push(Row {
+                scenario: label,
+                target: format!(
+                    "≤ 1.3 × v1 {key} = {:.2} ms",
+                    base.map_or(f64::NAN, |b| 1.3 * b)
+                ),
+                measured: format!("{x:.2} ms{}", ratio(x, base)),
+                met: base.map(|b| x <= 1.3 * b),
+            });
+        }
+        let (m, ok) = clean(&v);
+        rows.push(Row {
+            scenario: "socketio latency loss",
+            target: "0 lost, 0 duplicates".into(),
+            measured: format!(
+                "{m} ({} received of {} accepted)",
+                f(&v, &["received"]).unwrap_or(0.0),
+                f(&v, &["accepted"]).unwrap_or(0.0)
+            ),
+            met: Some(ok),
+        });
+    }
+    if let Some(v) = load(dir, "throughput.socketio.json") {
+        let rate = f(&v, &["throughput_msgs_per_s"]).unwrap_or(f64::NAN);
+        let base = load(dir, "throughput.json").and_then(|b| f(&b, &["throughput_msgs_per_s"]));
+        rows.push(Row {
+            scenario: "socketio throughput",
+            target: format!(
+                "≥ 70 % of v1 = {:.0} msg/s",
+                base.map_or(f64::NAN, |b| 0.7 * b)
+            ),
+            measured: format!(
+                "{rate:.0} msg/s ({:.0} % of v1)",
+                base.map_or(f64::NAN, |b| 100.0 * rate / b)
+            ),
+            met: base.map(|b| rate >= 0.7 * b),
+        });
+        let (m, ok) = clean(&v);
+        rows.push(Row {
+            scenario: "socketio throughput loss",
+            target: "0 lost, 0 duplicates".into(),
+            measured: m,
+            met: Some(ok),
+        });
+    }
+    if let Some(v) = load(dir, "drain.socketio.json") {
+        let ms = f(&v, &["extra", "drain_ms"]).unwrap_or(f64::NAN);
+        let n = f(&v, &["params", "messages"]).unwrap_or(f64::NAN);
+        let base = load(dir, "drain.json").and_then(|b| f(&b, &["extra", "drain_ms"]));
+        rows.push(Row {
+            scenario: "socketio drain",
+            target: format!("none (v1: {:.1} ms)", base.unwrap_or(f64::NAN)),
+            measured: format!(
+                "{ms:.1} ms{} (joined after {:.1} ms)",
+                ratio(ms, base),
+                f(&v, &["extra", "joined_ms"]).unwrap_or(f64::NAN)
+            ),
+            met: None,
+        });
+        let (m, ok) = clean(&v);
+        let order = f(&v, &["order_violations"]).unwrap_or(f64::NAN);
+        let received = f(&v, &["received"]).unwrap_or(0.0);
+        rows.push(Row {
+            scenario: "socketio drain order/loss",
+            target: "all, in order, 0 lost, 0 duplicates".into(),
+            measured: format!("received {received} of {n}, order violations {order}, {m}"),
+            met: Some(ok && order == 0.0 && received == n),
+        });
+    }
+    if let Some(v) = load(dir, "idle.socketio.json") {
+        let want = f(&v, &["params", "connections"]).unwrap_or(f64::NAN);
+        let joined = f(&v, &["extra", "joined"]).unwrap_or(0.0);
+        let dropped = f(&v, &["extra", "dropped_while_held"]).unwrap_or(f64::NAN);
+        rows.push(Row {
+            scenario: "socketio idle joined",
+            target: format!("{want} joined connections, 0 dropped"),
+            measured: format!(
+                "{joined} joined in {:.1} s, {dropped} dropped",
+                f(&v, &["extra", "connect_s"]).unwrap_or(f64::NAN)
+            ),
+            met: Some(joined == want && dropped == 0.0),
+        });
+        let per = idle_per_conn(dir, "idle.socketio");
+        let base = idle_per_conn(dir, "idle");
+        rows.push(Row {
+            scenario: "socketio idle memory",
+            target: format!(
+                "≤ 1.5 × v1 = {:.2} KiB per connection",
+                base.map_or(f64::NAN, |b| 1.5 * b / 1024.0)
+            ),
+            measured: match per {
+                Some(b) => format!("{:.2} KiB per connection{}", b / 1024.0, ratio(b, base)),
+                None => "not sampled".into(),
+            },
+            met: per.zip(base).map(|(b, v1)| b <= 1.5 * v1),
+        });
+    }
+    rows
+}
 
 pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
     let dir = &args.dir;
@@ -44,21 +213,7 @@ pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
     let drn = load(dir, "drain.json");
     let idl = load(dir, "idle.json");
     let idle_procs = load(dir, "idle.procs.json");
-    struct Row {
-        scenario: &'static str,
-        target: String,
-        measured: String,
-        met: Option<bool>,
-    }
     let mut rows: Vec<Row> = Vec::new();
-    let clean = |v: &Value| -> (String, bool) {
-        let lost = f(v, &["lost"]).unwrap_or(f64::NAN);
-        let dup = f(v, &["duplicates"]).unwrap_or(f64::NAN);
-        (
-            format!("lost {lost}, duplicates {dup}"),
-            lost == 0.0 && dup == 0.0,
-        )
-    };
     let fp50 = floor.as_ref().and_then(|v| f(v, &["latency_ms", "p50"]));
     let fp99 = floor.as_ref().and_then(|v| f(v, &["latency_ms", "p99"]));
     let frate = floor
@@ -172,10 +327,7 @@ pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
         };
         let joined = f(v, &["extra", "joined"]).unwrap_or(0.0);
         // Prefer scripts/bench's own samples of the instance's VmRSS.
-        let per = idle_procs
-            .as_ref()
-            .and_then(|p| f(p, &["rss_growth_bytes_per_conn"]))
-            .or_else(|| f(v, &["extra", "server_rss_growth_bytes_per_conn"]));
+        let per = idle_per_conn(dir, "idle");
         rows.push(Row {
             scenario: "idle joined",
             target: format!("{want} joined connections on one instance"),
@@ -196,20 +348,13 @@ pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
             met: per.map(|b| b <= 12.0 * 1024.0),
         });
     }
-    let mut text = String::new();
-    text.push_str("| scenario | target | measured | met |\n|---|---|---|---|\n");
-    for r in &rows {
-        text.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            r.scenario,
-            r.target,
-            r.measured,
-            match r.met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "n/a",
-            }
-        ));
+    let mut text = table(&rows);
+    let sio = socketio_rows(dir);
+    if !sio.is_empty() {
+        text.push_str(
+            "\nSocket.IO (/socket.io/, WebSocket transport) against v1, same run and instances:\n\n",
+        );
+        text.push_str(&table(&sio));
     }
     // Where the CPU went in each scenario (scripts/bench's /proc samples).
     let mut res = String::new();
@@ -292,6 +437,7 @@ pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
     std::fs::write(dir.join("summary.md"), &text)?;
     let json_rows: Vec<Value> = rows
         .iter()
+        .chain(&sio)
         .map(|r| json!({"scenario": r.scenario, "target": r.target, "measured": r.measured, "met": r.met}))
         .collect();
     std::fs::write(

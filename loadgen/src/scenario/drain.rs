@@ -53,13 +53,13 @@ pub struct DrainArgs {
 
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let c = &args.common;
-    let connector = Arc::new(Connector::new(&c.secret));
+    let connector = Arc::new(Connector::new(c));
     let run = run_id(c);
     let receiver = format!("{run}-offline");
     let n_senders = args.senders.max(1);
     let mut report = Report::new(
         "drain",
-        json!({"messages": args.messages, "senders": n_senders, "window": args.window,
+        json!({"proto": c.proto.to_string(), "messages": args.messages, "senders": n_senders, "window": args.window,
                "size": c.size, "receiver_url": c.urls[0], "urls": c.urls, "ack": args.ack}),
     );
     report.latency_basis = if args.ack {
@@ -216,8 +216,8 @@ async fn send_share(
     while answered < share {
         while out.sent < share && out.sent - answered < window {
             let seq = out.sent;
-            let frame = frames::chat(&to, &chat, &body(now_us(), pair, seq, size), seq);
-            if let Err(e) = ws.send_raw(frame).await {
+            let frame = frames::chat(&to, &chat, body(now_us(), pair, seq, size), seq);
+            if let Err(e) = ws.send_frame(&frame).await {
                 out.closed = Some(e.to_string());
                 return out;
             }
@@ -292,7 +292,7 @@ async fn read_backlog(
     let mut last_seq: HashMap<usize, u64> = HashMap::new();
     d.t0 = now_us();
     d.last_us = d.t0;
-    ws.send_raw(frames::join()).await?;
+    ws.send_frame(&frames::join()).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     while (d.seen.len() as u64) < expected {
         let Ok(received) = tokio::time::timeout_at(deadline, ws.recv()).await else {
@@ -323,7 +323,7 @@ async fn read_backlog(
                     last_seq.insert(p, n);
                 }
                 if ack {
-                    if let Err(e) = ws.send_raw(frames::ack(std::slice::from_ref(&m.id))).await {
+                    if let Err(e) = ws.send_frame(&frames::ack(vec![m.id.clone()])).await {
                         d.close = Some(e.to_string());
                         break;
                     }
@@ -342,7 +342,7 @@ async fn read_backlog(
         }
     }
     for chunk in unacked.chunks(1000) {
-        ws.send_raw(frames::ack(chunk)).await?;
+        ws.send_frame(&frames::ack(chunk.to_vec())).await?;
     }
     let settle = tokio::time::Instant::now() + Duration::from_secs(1);
     while let Ok(received) = tokio::time::timeout_at(settle, ws.recv()).await {

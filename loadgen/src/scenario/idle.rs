@@ -50,7 +50,8 @@ pub struct IdleArgs {
     /// File written (with the joined count) once all connections are joined.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// Upgrade to WebSocket but never send `join_chat` (splits the cost per connection
+    /// Connect (WebSocket, and for Socket.IO the namespace) but never send `join_chat`
+    /// (splits the cost per connection
     /// into "open socket" and "joined session").
     #[arg(long)]
     pub no_join: bool,
@@ -76,13 +77,13 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let no_join = args.no_join;
     let mut report = Report::new(
         "idle",
-        json!({"connections": total, "per_user": per_user, "url": url,
+        json!({"proto": c.proto.to_string(), "connections": total, "per_user": per_user, "url": url,
                "sources": sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                "concurrency": args.concurrency, "hold_s": args.hold.as_secs_f64(), "join": !no_join}),
     );
     report.latency_basis = "TCP connect → WebSocket handshake → joined, per connection".into();
     let rss_before = args.server_pid.and_then(|p| proc_status_kib(p, "VmRSS"));
-    let connector = Arc::new(Connector::new(&c.secret));
+    let connector = Arc::new(Connector::new(c));
     let stop = CancellationToken::new();
     let drops = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();

@@ -30,7 +30,7 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let pairs = (args.users / 2).max(1);
     let mut report = Report::new(
         "latency",
-        json!({"users": pairs * 2, "senders": pairs, "receivers": pairs, "rate": args.rate,
+        json!({"proto": c.proto.to_string(), "users": pairs * 2, "senders": pairs, "receivers": pairs, "rate": args.rate,
                "duration_s": args.duration.as_secs_f64(), "size": c.size, "urls": c.urls}),
     );
     report.latency_basis =

@@ -36,7 +36,7 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
     let pairs = args.senders.max(1);
     let mut report = Report::new(
         "throughput",
-        json!({"senders": pairs, "receivers": pairs, "window": args.window,
+        json!({"proto": c.proto.to_string(), "senders": pairs, "receivers": pairs, "window": args.window,
                "warmup_s": args.warmup.as_secs_f64(), "duration_s": args.duration.as_secs_f64(),
                "size": c.size, "urls": c.urls}),
     );
