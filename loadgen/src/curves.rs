@@ -135,11 +135,31 @@ impl Point {
         self.procs_num("/window_s")
     }
 
-    /// Share (0–1) of the machine's CPU capacity busy over the window, all processes.
-    pub fn machine_busy(&self) -> Option<f64> {
-        let busy = self.procs_num("/machine_busy_s")?;
+    fn capacity_s(&self) -> Option<f64> {
         let cap = self.window_s()? * self.procs_num("/nproc")?;
-        (cap > 0.0).then(|| busy / cap)
+        (cap > 0.0).then_some(cap)
+    }
+
+    /// The load generator's CPU seconds: over the window when the script sampled it, else
+    /// its own figure for its whole run (joins included).
+    pub fn loadgen_cpu_s(&self) -> Option<f64> {
+        self.cpu_s("loadgen").or_else(|| self.r("/loadgen_cpu_s"))
+    }
+
+    /// Share (0–1) of the machine's CPU capacity that mongod, the instances and the load
+    /// generator used over the window (per-process figures, exact).
+    pub fn measured_cpu_share(&self) -> Option<f64> {
+        let ours = self.cpu_s("mongod")? + self.instances_cpu_s()? + self.loadgen_cpu_s()?;
+        Some(ours / self.capacity_s()?)
+    }
+
+    /// Share (0–1) of the capacity that other processes used — the machine's busy time
+    /// (/proc/stat) less ours. /proc/stat is sampled at the timer tick, which misses some of
+    /// a load that runs in short bursts, so a few percent either way is noise; tens of
+    /// percent mean the point was measured while something else ran.
+    pub fn others_cpu_share(&self) -> Option<f64> {
+        let busy = self.procs_num("/machine_busy_s")? / self.capacity_s()?;
+        Some((busy - self.measured_cpu_share()?).max(0.0))
     }
 
     /// What an idle mongod would have used over the window (backlog points measure its idle

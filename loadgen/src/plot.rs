@@ -395,6 +395,11 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
     }
 }
 
+fn opt_count(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| thousands(x.round()))
+}
+
 fn count(v: f64) -> String {
     thousands(v)
 }
@@ -408,6 +413,23 @@ fn lost_dup(p: &Point) -> String {
         "{} / {}",
         count(p.r("/lost").unwrap_or(f64::NAN)),
         count(p.r("/duplicates").unwrap_or(f64::NAN))
+    )
+}
+
+/// "ours / others": the capacity (2 cores × the window) used by mongod, the instances and
+/// the load generator, and by everything else; others ≥ 10 % is marked — that point was
+/// measured on a shared machine.
+fn cpu_shares(p: &Point) -> String {
+    let others = p.others_cpu_share();
+    let mark = if others.is_some_and(|o| o >= 0.10) {
+        "**"
+    } else {
+        ""
+    };
+    format!(
+        "{} / {mark}{}{mark}",
+        opt(p.measured_cpu_share().map(|s| 100.0 * s), 0),
+        opt(others.map(|s| 100.0 * s), 0)
     )
 }
 
@@ -425,19 +447,21 @@ fn instances(points: &[Point]) -> (String, Figure) {
         "### Instances at a fixed {rate:.0} msg/s\n\n\
          Latency: scheduled send → `chat_message` read by the receiver. CPU per delivered \
          message: CPU seconds over the send phase and the wait for the last deliveries, / \
-         messages received.\n\n\
-         | instances | delivered | achieved msg/s | p50 ms | p99 ms | p99.9 ms | mongod CPU ms/msg | instances CPU ms/msg (all) | per instance | peak RSS per instance MiB (mean / max) | mongod getMores/msg | lost / dup |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         messages received. *CPU % ours / others*: of the machine's capacity over that \
+         window, what mongod, the instances and the load generator used, and what other \
+         processes did (≥ 10 % in bold: measured while something else ran).\n\n\
+         | instances | delivered | achieved msg/s | p50 ms | p99 ms | p99.9 ms | mongod CPU ms/msg | instances CPU ms/msg (all) | per instance | peak RSS per instance MiB (mean / max) | mongod getMores/msg | lost / dup | CPU % ours / others |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for p in points {
         let rss = p.instance_peak_rss_mib();
         let inst = p.ms_per_message(p.instances_cpu_s());
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
             p.value,
             count(p.received()),
-            opt(p.achieved_rate(), 0),
+            opt_count(p.achieved_rate()),
             opt(p.latency("p50"), 2),
             opt(p.latency("p99"), 2),
             opt(p.latency("p999"), 2),
@@ -448,6 +472,7 @@ fn instances(points: &[Point]) -> (String, Figure) {
             opt(rss.iter().copied().reduce(f64::max), 1),
             opt(p.mongo_per_message("metrics.commands.getMore.total"), 2),
             lost_dup(p),
+            cpu_shares(p),
         );
     }
     let mut lat = Chart::new(
@@ -506,6 +531,14 @@ fn instances(points: &[Point]) -> (String, Figure) {
     for c in [&mut lat, &mut cpu, &mut rss] {
         c.integer_x = true;
     }
+    // A point measured while other processes took a tenth of the machine or more: its
+    // latency says more about them than about msgbuf.
+    lat.marks = points
+        .iter()
+        .filter(|p| p.others_cpu_share().is_some_and(|o| o >= 0.10))
+        .filter_map(|p| p.latency("p99").map(|y| (p.value, y)))
+        .collect();
+    lat.marks_label = "p99 measured while other processes used ≥ 10 % CPU".into();
     (
         t,
         Figure {
@@ -521,8 +554,9 @@ fn rate(points: &[Point], rule: &SaturationRule) -> (String, Figure) {
         "### Rate sweep on 2 instances\n\n\
          Offered: the open-loop send rate; achieved: messages received during the send phase \
          itself, per second. *Undelivered at end*: accepted but not yet pushed when the load \
-         generator stopped waiting — still buffered, not lost.\n\n\
-         | offered msg/s | achieved msg/s | achieved % | p50 ms | p99 ms | p99.9 ms | max ms | mongod CPU ms/msg | machine busy % | undelivered at end | duplicates | verdict |\n\
+         generator stopped waiting — still buffered, not lost. *CPU % ours / others* as in the \
+         instances table.\n\n\
+         | offered msg/s | achieved msg/s | achieved % | p50 ms | p99 ms | p99.9 ms | max ms | mongod CPU ms/msg | CPU % ours / others | undelivered at end | duplicates | verdict |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut marks = Vec::new();
@@ -538,14 +572,14 @@ fn rate(points: &[Point], rule: &SaturationRule) -> (String, Figure) {
             t,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             count(p.value),
-            opt(achieved, 0),
+            opt_count(achieved),
             opt(achieved.map(|a| 100.0 * a / p.value), 1),
             opt(p.latency("p50"), 2),
             opt(p.latency("p99"), 2),
             opt(p.latency("p999"), 2),
             opt(p.latency("max"), 1),
             opt(p.ms_per_message(p.cpu_s("mongod")), 3),
-            opt(p.machine_busy().map(|b| 100.0 * b), 0),
+            cpu_shares(p),
             count(p.undelivered()),
             count(p.r("/duplicates").unwrap_or(f64::NAN)),
             verdict.map_or("below saturation".into(), |w| format!("**saturated**: {w}")),
