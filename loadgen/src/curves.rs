@@ -143,7 +143,11 @@ impl Point {
     /// The load generator's CPU seconds: over the window when the script sampled it, else
     /// its own figure for its whole run (joins included).
     pub fn loadgen_cpu_s(&self) -> Option<f64> {
-        self.cpu_s("loadgen").or_else(|| self.r("/loadgen_cpu_s"))
+        // A negative figure is a sample of a process already gone (runs before the script
+        // wrote null for it).
+        self.cpu_s("loadgen")
+            .filter(|s| *s >= 0.0)
+            .or_else(|| self.r("/loadgen_cpu_s"))
     }
 
     /// Share (0–1) of the machine's CPU capacity that mongod, the instances and the load
