@@ -11,12 +11,14 @@
 //! All load is bounded in count and time.
 
 mod conn;
+mod curves;
 mod explain;
 mod frames;
 mod histogram;
 mod mongo;
 mod mongo_stats;
 mod pairs;
+mod plot;
 mod procfs;
 mod report;
 mod scenario;
@@ -55,6 +57,10 @@ enum Command {
     MongoStats(mongo_stats::MongoStatsArgs),
     /// Prints a free TCP port on 127.0.0.1.
     FreePort,
+    /// Draws the SVG charts and prints the tables of a scripts/bench-curves run.
+    Plot(plot::PlotArgs),
+    /// Whether a rate-sweep point (its latency JSON) is past saturation (scripts/bench-curves).
+    Saturation(curves::SaturationArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +78,8 @@ fn main() -> anyhow::Result<()> {
             Command::Floor(a) => floor::floor(a).await,
             Command::Summary(a) => summary::summary(a),
             Command::MongoStats(a) => mongo_stats::mongo_stats(a).await,
+            Command::Plot(a) => plot::plot(a),
+            Command::Saturation(a) => curves::saturation(a),
             Command::FreePort => {
                 let l = std::net::TcpListener::bind("127.0.0.1:0")?;
                 println!("{}", l.local_addr()?.port());
