@@ -76,7 +76,12 @@ async fn limit_head(req: Request, next: Next) -> Response {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // The request line: method, target (origin form, or absolute with an authority) and
+    // version, measured without printing the URI.
+    let uri = req.uri();
+    let target = uri.authority().map_or(0, |a| a.as_str().len() + 8)
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     if headers + line > MAX_HEAD_BYTES {
         return Error::new(ErrorCode::TooLarge, "request head over 32 KiB")
             .with_status(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)

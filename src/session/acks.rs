@@ -6,9 +6,9 @@ use std::pin::Pin;
 use futures::Future;
 use mongodb::bson::oid::ObjectId;
 
-use super::{error_answer, CallId, Out, Session};
+use super::{CallId, Out, Session};
 use crate::error::Error;
-use crate::protocol::{AckIds, ServerFrame};
+use crate::protocol::AckIds;
 use crate::store::StoreError;
 
 /// Acked ids handed to delivery and not yet recorded before the session stops reading.
@@ -63,16 +63,7 @@ impl Session {
         match (written.result, written.call) {
             (Ok(()), Some(call)) => self.outbox.push(acked_answer(call, written.ids)),
             (Ok(()), None) => {}
-            (Err(e), call) => {
-                let e = Error::from(e);
-                e.report();
-                let wire = e.to_wire();
-                self.outbox
-                    .push(ServerFrame::Error(wire.clone()).encode_out());
-                if let Some(call) = call {
-                    self.outbox.push(error_answer(call, wire));
-                }
-            }
+            (Err(e), call) => self.reply_error(Error::from(e), call),
         }
     }
 }

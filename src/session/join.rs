@@ -10,7 +10,7 @@ use futures::{Future, FutureExt};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::drain::{pop_before, Drain, DRAIN_PAGE};
-use super::{error_answer, to_json, write_filtered, CallId, Out, Session, Step, STEP};
+use super::{to_json, write_filtered, CallId, Out, Session, Step, STEP};
 use crate::error::Error;
 use crate::metrics::DeliveryPath;
 use crate::presence::Queued;
@@ -129,15 +129,12 @@ impl Session {
                 for item in joining.held {
                     write_filtered(&mut self.outbox, &mut self.sent, item);
                 }
+                // Reported once, answered to every waiting join.
                 let e = Error::from(e);
                 e.report();
                 let wire = e.to_wire();
                 for call in joining.calls {
-                    self.outbox
-                        .push(ServerFrame::Error(wire.clone()).encode_out());
-                    if let Some(call) = call {
-                        self.outbox.push(error_answer(call, wire.clone()));
-                    }
+                    self.reply_wire(wire.clone(), call);
                 }
             }
         }
@@ -168,11 +165,12 @@ impl Session {
             instance: self.state.instance().to_owned(),
             pending,
         };
-        let frame = ServerFrame::Joined(joined.clone()).encode_out();
+        let answer = to_json(&joined);
+        let frame = ServerFrame::Joined(joined).encode_out();
         for call in calls.drain(..) {
             self.outbox.push(frame.clone());
             if let Some(call) = call {
-                self.outbox.push(Out::Answer(call, to_json(&joined)));
+                self.outbox.push(Out::Answer(call, answer.clone()));
             }
         }
     }

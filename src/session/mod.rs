@@ -274,7 +274,11 @@ impl Session {
 
     fn reply_error(&mut self, e: Error, call: Option<CallId>) {
         e.report();
-        let wire = e.to_wire();
+        self.reply_wire(e.to_wire(), call);
+    }
+
+    /// An `error` frame, and the same error as the answer of `call` when there is one.
+    fn reply_wire(&mut self, wire: WireError, call: Option<CallId>) {
         let answer = call.map(|call| error_answer(call, wire.clone()));
         self.outbox.push(ServerFrame::Error(wire).encode_out());
         if let Some(answer) = answer {
