@@ -441,6 +441,21 @@ fn series_of(points: &[Point], f: impl Fn(&Point) -> Option<f64>) -> Vec<(f64, f
 }
 
 /// Curve 1: cost against the number of instances at one fixed rate.
+/// `chart` with the points' p50 and p99 latency as its two series.
+fn latency_chart(chart: Chart, points: &[Point]) -> Chart {
+    chart
+        .with(Series::new(
+            "p50",
+            BLUE_,
+            series_of(points, |p| p.latency("p50")),
+        ))
+        .with(Series::new(
+            "p99",
+            ORANGE_,
+            series_of(points, |p| p.latency("p99")),
+        ))
+}
+
 fn instances(points: &[Point]) -> (String, Figure) {
     let rate = points[0].r("/params/rate").unwrap_or(f64::NAN);
     let mut t = format!(
@@ -475,23 +490,16 @@ fn instances(points: &[Point]) -> (String, Figure) {
             cpu_shares(p),
         );
     }
-    let mut lat = Chart::new(
-        "insert → push latency (send → receive)",
-        "instances",
-        "latency (ms)",
-        Scale::Lin,
-        Scale::Lin,
-    )
-    .with(Series::new(
-        "p50",
-        BLUE_,
-        series_of(points, |p| p.latency("p50")),
-    ))
-    .with(Series::new(
-        "p99",
-        ORANGE_,
-        series_of(points, |p| p.latency("p99")),
-    ));
+    let mut lat = latency_chart(
+        Chart::new(
+            "insert → push latency (send → receive)",
+            "instances",
+            "latency (ms)",
+            Scale::Lin,
+            Scale::Lin,
+        ),
+        points,
+    );
     let mut cpu = Chart::new(
         "CPU per delivered message",
         "instances",
@@ -585,23 +593,16 @@ fn rate(points: &[Point], rule: &SaturationRule) -> (String, Figure) {
             verdict.map_or("below saturation".into(), |w| format!("**saturated**: {w}")),
         );
     }
-    let mut lat = Chart::new(
-        "latency against offered rate",
-        "offered rate (msg/s, log)",
-        "latency (ms, log)",
-        Scale::Log,
-        Scale::Log,
-    )
-    .with(Series::new(
-        "p50",
-        BLUE_,
-        series_of(points, |p| p.latency("p50")),
-    ))
-    .with(Series::new(
-        "p99",
-        ORANGE_,
-        series_of(points, |p| p.latency("p99")),
-    ));
+    let mut lat = latency_chart(
+        Chart::new(
+            "latency against offered rate",
+            "offered rate (msg/s, log)",
+            "latency (ms, log)",
+            Scale::Log,
+            Scale::Log,
+        ),
+        points,
+    );
     lat.marks = marks;
     lat.marks_label = "saturated (p99)".into();
     let top = points.iter().map(|p| p.value).fold(0.0, f64::max);
