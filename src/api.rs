@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::{bearer_token, is_valid_user_id, AuthError, Claims};
+use crate::device::DeviceId;
 use crate::error::{Error, ErrorCode};
 use crate::protocol::{rfc3339, SendMessage};
 use crate::state::AppState;
@@ -251,15 +252,59 @@ pub async fn clear_buffered(
     Ok(Json(json!({"userId": user, "deleted": deleted})))
 }
 
+/// Who may see and forget a user's devices: that user, or an admin.
+fn check_devices_reader(claims: &Claims, user: &str) -> Result<(), Error> {
+    check_user_path(user)?;
+    if claims.sub != user && !claims.is_admin() {
+        return Err(Error::forbidden("you can only see your own devices"));
+    }
+    Ok(())
+}
+
+/// `GET /api/users/{userId}/devices` (that user or admin): each current device, with when
+/// it was first and last seen and how many messages it has not received.
+pub async fn list_devices(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+    ApiPath(user): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, Error> {
+    check_devices_reader(&claims, &user)?;
+    let policy = state.config.device_policy();
+    let devices = state.store().devices_of(&user, policy).await?;
+    Ok(Json(json!({"userId": user, "devices": devices})))
+}
+
+/// `DELETE /api/users/{userId}/devices/{deviceId}` (that user or admin): forgets the
+/// device; its next join registers it anew (getting only what is undelivered and the
+/// skew window's messages).
+pub async fn forget_device(
+    State(state): State<Arc<AppState>>,
+    AuthUser(claims): AuthUser,
+    ApiPath((user, device)): ApiPath<(String, String)>,
+) -> Result<StatusCode, Error> {
+    check_devices_reader(&claims, &user)?;
+    let device = DeviceId::parse(&device).ok_or_else(|| Error::bad_request(DeviceId::RULE))?;
+    if !state.store().forget_device(&user, device.as_str()).await? {
+        return Err(Error::not_found("no such device"));
+    }
+    tracing::info!(by = %claims.sub, user = %user, device = %device, "device forgotten");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `GET /api/messages/buffer-stats` (admin).
 pub async fn buffer_stats(
     State(state): State<Arc<AppState>>,
     AuthUser(claims): AuthUser,
 ) -> Result<Json<serde_json::Value>, Error> {
     require_admin(&claims)?;
-    let counts = state.store().counts().await?;
+    let store = state.store();
+    let (counts, devices) = futures::try_join!(
+        store.counts(),
+        store.count_devices(state.config.device_policy())
+    )?;
     let mut body = serde_json::to_value(counts).map_err(Error::internal)?;
     if let Some(obj) = body.as_object_mut() {
+        obj.insert("devices".into(), devices.into());
         obj.insert("onlineUsers".into(), state.presence().online_users().into());
         obj.insert("connections".into(), state.presence().connections().into());
         obj.insert("instance".into(), state.instance().to_owned().into());

@@ -406,6 +406,22 @@ impl WsClient {
         Ok(self.expect("joined", timeout).await?.data)
     }
 
+    /// Sends `join_chat` as the device `device_id` and returns the `joined` data.
+    pub async fn join_device(
+        &mut self,
+        device_id: &str,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
+        let device_id = crate::device::DeviceId::parse(device_id)
+            .ok_or_else(|| ClientError::Unexpected(crate::device::DeviceId::RULE.to_owned()))?;
+        self.send_frame(&ClientFrame::JoinChat(JoinChat {
+            user_id: None,
+            device_id: Some(device_id),
+        }))
+        .await?;
+        Ok(self.expect("joined", timeout).await?.data)
+    }
+
     pub async fn chat(
         &mut self,
         to: &str,
@@ -434,8 +450,21 @@ impl WsClient {
             let _ = self.send_raw(DISCONNECT.to_owned()).await;
         }
         let _ = self.ws.close(None).await;
+        // The server answers the close once the session ended (its acks recorded): wait
+        // for it, so that a client that closes and reconnects finds them recorded.
+        let answered = async {
+            while let Some(Ok(msg)) = self.ws.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, answered).await;
     }
 }
+
+/// How long [`WsClient::close`] waits for the server's answer to its close.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The handshake request for `url`: v1 carries `token` as bearer header; Socket.IO sends
 /// it in the namespace CONNECT instead, as a browser client does.
@@ -675,6 +704,7 @@ mod tests {
             ClientFrame::JoinChat(JoinChat::default()),
             ClientFrame::JoinChat(JoinChat {
                 user_id: Some("alice".into()),
+                device_id: crate::device::DeviceId::parse("laptop-1"),
             }),
             ClientFrame::ChatMessage(SendMessage {
                 to: "bob".into(),
@@ -699,6 +729,7 @@ mod tests {
                 user_id: "bob".into(),
                 instance: "a".into(),
                 pending: 3,
+                ..Joined::default()
             }),
             ServerFrame::ChatMessage(ChatOut {
                 id: "65a0c0ffee0000000000abcd".into(),
@@ -875,7 +906,8 @@ mod tests {
             ServerFrame::Joined(Joined {
                 user_id: "bob".into(),
                 instance: "a".into(),
-                pending: 0
+                pending: 0,
+                ..Joined::default()
             })
         );
         assert!(matches!(c.recv().await, Err(ClientError::Disconnected)));

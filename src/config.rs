@@ -60,6 +60,16 @@ pub struct Config {
     #[arg(long, env = "MSGBUF_RETENTION", default_value = "7days", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// How long after a send arrives its message may still commit; a device's catch-up
+    /// floor stays this far behind the present (docs/PROTOCOL.md, "Devices"). A new device
+    /// also gets the user's messages of this window before its first join.
+    #[arg(long, env = "MSGBUF_DEVICE_SKEW", default_value = "30s", value_parser = parse_duration)]
+    pub device_skew: Duration,
+
+    /// Devices per user (a join with a new `deviceId` past it is refused).
+    #[arg(long, env = "MSGBUF_MAX_DEVICES", default_value_t = 32)]
+    pub max_devices: usize,
+
     /// Period of the leased cleanup sweep.
     #[arg(long, env = "MSGBUF_CLEANUP_INTERVAL", default_value = "24h", value_parser = parse_duration)]
     pub cleanup_interval: Duration,
@@ -160,6 +170,15 @@ impl Config {
         config.mongodb_uri = Some(uri.to_owned());
         config.db = db.to_owned();
         config
+    }
+
+    /// What the device rules take from the settings.
+    pub fn device_policy(&self) -> crate::store::DevicePolicy {
+        crate::store::DevicePolicy {
+            skew: self.device_skew,
+            retention: self.retention,
+            max_per_user: self.max_devices,
+        }
     }
 
     /// The token verifier: the public key, the secret, or (dev mode only) the public

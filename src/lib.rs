@@ -16,6 +16,7 @@ mod cleanup;
 pub mod client;
 mod config;
 mod delivery;
+mod device;
 mod error;
 mod limits;
 mod metrics;
@@ -34,7 +35,10 @@ mod ws;
 pub use auth::{unix_now, Auth, Claims, INSECURE_DEV_SECRET};
 pub use cleanup::{Cleanup, Sweep};
 pub use config::{parse_duration, Config};
+pub use device::DeviceId;
 pub use error::{Error, ErrorCode, WireError};
 pub use server::{app, Server};
 pub use state::AppState;
-pub use store::{BufferedMessage, Store, CHECKPOINTS, LEASES, MESSAGES, TTL_INDEX};
+pub use store::{
+    BufferedMessage, DevicePolicy, Store, CHECKPOINTS, DEVICES, LEASES, MESSAGES, TTL_INDEX,
+};

@@ -143,6 +143,9 @@ pub struct SessionHandle {
     /// Raised while the session drains its backlog: the sweep leaves it alone then (the
     /// drain delivers what the sweep would, and its held frames are bounded).
     draining: Arc<AtomicBool>,
+    /// Raised once the session joined as a device: it also gets what its user sends from
+    /// other sockets (the sent-message sync).
+    device: Arc<AtomicBool>,
 }
 
 impl SessionHandle {
@@ -234,6 +237,7 @@ impl Presence {
             user: user.to_owned(),
             session: None,
             draining: Arc::default(),
+            device: Arc::default(),
             bounds,
             budget,
             drain_turn,
@@ -265,6 +269,11 @@ impl Presence {
     /// Queues `item` for every joined session of `user`; returns how many took it.
     pub fn push(&self, user: &str, item: &Outbound) -> usize {
         self.push_where(user, item, |_| true)
+    }
+
+    /// Queues `item` for the joined sessions of `user` that joined as devices.
+    pub fn push_to_devices(&self, user: &str, item: &Outbound) -> usize {
+        self.push_where(user, item, |s| s.device.load(Ordering::Relaxed))
     }
 
     /// Like [`Presence::push`], but not to sessions that are draining their backlog.
@@ -313,6 +322,7 @@ pub struct ConnectionGuard {
     user: String,
     session: Option<u64>,
     draining: Arc<AtomicBool>,
+    device: Arc<AtomicBool>,
     bounds: QueueBounds,
     budget: Arc<UserBudget>,
     drain_turn: Arc<Semaphore>,
@@ -335,6 +345,7 @@ impl ConnectionGuard {
             max_bytes: self.bounds.bytes,
             overflow,
             draining: self.draining.clone(),
+            device: self.device.clone(),
         };
         let mut entry = self.presence.users.entry(self.user.clone()).or_default();
         if entry.sessions.is_empty() {
@@ -354,6 +365,11 @@ impl ConnectionGuard {
     /// The user's drain turn on this instance: a drain holds its one permit.
     pub fn drain_turn(&self) -> &Arc<Semaphore> {
         &self.drain_turn
+    }
+
+    /// Marks the session as one of its user's devices (or not, after a refused join).
+    pub fn set_device(&self, device: bool) {
+        self.device.store(device, Ordering::Relaxed);
     }
 
     /// Marks the session as draining its backlog (or done with it).

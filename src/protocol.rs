@@ -9,6 +9,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::auth::is_valid_user_id;
+use crate::device::DeviceId;
 use crate::error::{Error, ErrorCode, WireError};
 
 /// Limits fixed by the protocol.
@@ -31,6 +32,10 @@ pub enum ClientFrame {
 pub struct JoinChat {
     #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The joining device's stable id: it then catches up on everything since its last
+    /// join (docs/PROTOCOL.md, "Devices"). Without it, the socket is ephemeral.
+    #[serde(rename = "deviceId", skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<DeviceId>,
 }
 
 impl<'de> Deserialize<'de> for JoinChat {
@@ -41,10 +46,13 @@ impl<'de> Deserialize<'de> for JoinChat {
         struct Fields {
             #[serde(rename = "userId", default)]
             user_id: Option<String>,
+            #[serde(rename = "deviceId", default)]
+            device_id: Option<DeviceId>,
         }
         let fields: Fields = object_or_nothing(d)?;
         Ok(JoinChat {
             user_id: fields.user_id,
+            device_id: fields.device_id,
         })
     }
 }
@@ -186,11 +194,14 @@ struct SocketIoSend {
     client_msg_id: Option<String>,
 }
 
-/// `join_chat` with an object: `userId` if present; other fields are ignored.
+/// `join_chat` with an object: `userId` and `deviceId` if present; other fields are
+/// ignored.
 #[derive(Deserialize)]
 struct SocketIoJoin {
     #[serde(rename = "userId", default)]
     user_id: Option<String>,
+    #[serde(rename = "deviceId", default)]
+    device_id: Option<DeviceId>,
 }
 
 #[derive(Deserialize)]
@@ -206,13 +217,20 @@ struct SocketIoAck {
 pub fn decode_socketio(event: &str, data: Option<&str>) -> Result<ClientFrame, Error> {
     let data = data.map(str::trim).filter(|d| *d != "null");
     let frame = match event {
-        "join_chat" => ClientFrame::JoinChat(JoinChat {
-            user_id: match data {
-                None => None,
-                Some(d) if d.starts_with('"') => Some(from_json::<String>(d, "join_chat")?),
-                Some(d) if d.starts_with('{') => from_json::<SocketIoJoin>(d, "join_chat")?.user_id,
-                Some(_) => return Err(Error::bad_request(JOIN_SHAPE)),
+        "join_chat" => ClientFrame::JoinChat(match data {
+            None => JoinChat::default(),
+            Some(d) if d.starts_with('"') => JoinChat {
+                user_id: Some(from_json::<String>(d, "join_chat")?),
+                device_id: None,
             },
+            Some(d) if d.starts_with('{') => {
+                let join = from_json::<SocketIoJoin>(d, "join_chat")?;
+                JoinChat {
+                    user_id: join.user_id,
+                    device_id: join.device_id,
+                }
+            }
+            Some(_) => return Err(Error::bad_request(JOIN_SHAPE)),
         }),
         "chat_message" => {
             let d = data
@@ -323,12 +341,23 @@ pub struct Accepted {
     pub timestamp: String,
 }
 
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct Joined {
     #[serde(rename = "userId")]
     pub user_id: String,
     pub instance: String,
     pub pending: u64,
+    /// The device that joined, for a device's join.
+    #[serde(rename = "deviceId", default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// For a device's join: true when it was away longer than the retention, so what it
+    /// missed may be gone (the client reloads history from its app).
+    #[serde(
+        rename = "missedHistory",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub missed_history: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -427,6 +456,7 @@ mod tests {
             user_id: "bob".into(),
             instance: "a".into(),
             pending: 3,
+            ..Joined::default()
         });
         let text = frame.encode();
         assert_eq!(
@@ -452,6 +482,7 @@ mod tests {
     fn joins_as(user: Option<&str>) -> Result<ClientFrame, Error> {
         Ok(ClientFrame::JoinChat(JoinChat {
             user_id: user.map(str::to_owned),
+            device_id: None,
         }))
     }
 

@@ -11,7 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -41,6 +41,11 @@ pub fn app(state: Arc<AppState>) -> Router {
             get(api::list_buffered).delete(api::clear_buffered),
         )
         .route("/api/messages/buffer-stats", get(api::buffer_stats))
+        .route("/api/users/{user_id}/devices", get(api::list_devices))
+        .route(
+            "/api/users/{user_id}/devices/{device_id}",
+            delete(api::forget_device),
+        )
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
@@ -132,6 +137,7 @@ impl Server {
                 metrics: Arc::new(Metrics::new()),
                 ack_timeout: config.ack_timeout,
                 send_limit: SendLimit::new(config.rate_limit, config.rate_burst),
+                devices: config.device_policy(),
             },
             &tasks,
             &shutdown,
@@ -238,6 +244,10 @@ async fn prepare_collection(store: &Store, config: &Config) -> anyhow::Result<()
         .ensure_ttl_index(config.retention)
         .await
         .context("creating the TTL index on deliveredAt")?;
+    store
+        .ensure_device_indexes()
+        .await
+        .context("creating the indexes of devices")?;
     Ok(())
 }
 

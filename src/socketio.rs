@@ -611,7 +611,8 @@ mod tests {
         assert_eq!(
             decode_event(r#"["join_chat","alice",{"extra":1}]"#),
             Ok(ClientFrame::JoinChat(JoinChat {
-                user_id: Some("alice".into())
+                user_id: Some("alice".into()),
+                device_id: None,
             }))
         );
         assert_eq!(
@@ -672,6 +673,7 @@ mod tests {
             user_id: "bob".into(),
             instance: "a".into(),
             pending: 2,
+            ..Default::default()
         })
         .encode();
         let parsed: V1Frame<'_> = serde_json::from_str(&frame).expect("a v1 frame");

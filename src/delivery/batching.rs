@@ -1,7 +1,7 @@
 //! The batching loops behind [`super::Delivery`]: insert shards and the claim/ack record
 //! loop. Each finishes what was queued before shutdown, then stops.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::records::{plan_claims, remaining_acks, AckJob, Claim, ClaimGroup};
+use crate::device::DeviceId;
 use crate::metrics::Metrics;
 use crate::protocol::Accepted;
-use crate::store::{BufferedMessage, Store, StoreError};
+use crate::store::{BufferedMessage, DevicePolicy, Store, StoreError};
 
 const MAX_INSERT_BATCH: usize = 256;
 /// Claims and acks recorded by one round of writes, at most.
@@ -33,7 +34,17 @@ pub struct InsertJob {
 pub enum Record {
     Claim(Claim),
     Ack(AckJob),
+    /// A device's socket ended: move its floor past what it acknowledged (after the acks
+    /// queued before this, which the loop writes first).
+    DeviceLeft {
+        user: String,
+        device: DeviceId,
+    },
 }
+
+/// A device's floor is moved after this many of its acks were recorded (and when its
+/// socket ends): often enough that its acked set stays small.
+const ACKS_PER_FLOOR_MOVE: usize = 256;
 
 pub fn spawn_insert_shard(
     store: &Store,
@@ -55,6 +66,7 @@ pub fn spawn_record_loop(
     store: &Store,
     instance: &Arc<str>,
     metrics: &Arc<Metrics>,
+    devices: DevicePolicy,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> mpsc::Sender<Record> {
@@ -63,6 +75,9 @@ pub fn spawn_record_loop(
         store: store.clone(),
         instance: instance.clone(),
         metrics: metrics.clone(),
+        devices,
+        acks_since_floor_move: HashMap::new(),
+        tracker: tracker.clone(),
         cancel: cancel.clone(),
     };
     tracker.spawn(recorder.run(rx));
@@ -100,17 +115,22 @@ struct Recorder {
     store: Store,
     instance: Arc<str>,
     metrics: Arc<Metrics>,
+    devices: DevicePolicy,
+    /// Per device with a socket here, its acks recorded since its floor last moved.
+    acks_since_floor_move: HashMap<(String, DeviceId), usize>,
+    /// Floor moves run beside the loop, on the instance's tracker.
+    tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl Recorder {
-    async fn run(self, mut rx: mpsc::Receiver<Record>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Record>) {
         let mut closed = false;
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
         while let Some(first) = next_job(&mut rx, &self.cancel, &mut closed).await {
             batch.push(first);
             linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
-            let (claims, acks) = split(batch.drain(..));
+            let (claims, acks, left) = split(batch.drain(..));
             let ack_ids: Vec<(&str, &[ObjectId])> = acks
                 .iter()
                 .map(|job| (job.user.as_str(), job.ids.as_slice()))
@@ -120,12 +140,94 @@ impl Recorder {
                 done.extend(self.write_claims(group).await);
             }
             let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
-            for job in acks {
-                let _ = job
-                    .reply
-                    .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));
+            let devices = self.write_device_acks(&acks).await;
+            let replies: Vec<Result<(), StoreError>> = acks
+                .iter()
+                .map(|job| {
+                    let device = job
+                        .device
+                        .as_ref()
+                        .and_then(|d| devices.get(&(job.user.as_str(), d)));
+                    match (&result, device) {
+                        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e.duplicate()),
+                        _ => Ok(()),
+                    }
+                })
+                .collect();
+            drop(devices);
+            for (job, reply) in acks.into_iter().zip(replies) {
+                let _ = job.reply.send(reply);
+            }
+            for (user, device) in left {
+                self.acks_since_floor_move
+                    .remove(&(user.clone(), device.clone()));
+                self.move_floor(user, device);
             }
         }
+    }
+
+    /// Records each device's acks of the batch, one write per device; returns each
+    /// device's outcome.
+    async fn write_device_acks<'a>(
+        &mut self,
+        acks: &'a [AckJob],
+    ) -> HashMap<(&'a str, &'a DeviceId), Result<(), StoreError>> {
+        let mut by_device: HashMap<(&str, &DeviceId), Vec<ObjectId>> = HashMap::new();
+        for job in acks {
+            if let Some(device) = &job.device {
+                by_device
+                    .entry((job.user.as_str(), device))
+                    .or_default()
+                    .extend(&job.ids);
+            }
+        }
+        let store = &self.store;
+        let devices = self.devices;
+        let writes = by_device
+            .into_iter()
+            .map(|((user, device), ids)| async move {
+                let result = store
+                    .record_device_acks(user, device.as_str(), &ids, devices)
+                    .await;
+                ((user, device), ids.len(), result)
+            });
+        let written = futures::future::join_all(writes).await;
+        let mut outcomes = HashMap::new();
+        for ((user, device), n, result) in written {
+            match &result {
+                Ok(()) => {
+                    let since = self
+                        .acks_since_floor_move
+                        .entry((user.to_owned(), device.clone()))
+                        .or_default();
+                    *since += n;
+                    if *since >= ACKS_PER_FLOOR_MOVE {
+                        *since = 0;
+                        self.move_floor(user.to_owned(), device.clone());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, user, device = %device, "device acks not recorded")
+                }
+            }
+            outcomes.insert((user, device), result);
+        }
+        outcomes
+    }
+
+    /// Moves a device's floor in the background: it only bounds the device's state, and
+    /// a move that fails is made by a later one.
+    fn move_floor(&self, user: String, device: DeviceId) {
+        let store = self.store.clone();
+        let policy = self.devices;
+        self.tracker.spawn(async move {
+            if let Err(e) = store
+                .advance_device_floor(&user, device.as_str(), policy)
+                .await
+            {
+                tracing::warn!(error = %e, user, device = %device, "device floor not moved");
+            }
+        });
     }
 
     /// Writes one path's claims; returns the ids whose ack went in with their claim.
@@ -204,16 +306,20 @@ impl Recorder {
     }
 }
 
-fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>) {
+type Left = Vec<(String, DeviceId)>;
+
+fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>, Left) {
     let mut claims = Vec::new();
     let mut acks = Vec::new();
+    let mut left = Vec::new();
     for record in records {
         match record {
             Record::Claim(claim) => claims.push(claim),
             Record::Ack(job) => acks.push(job),
+            Record::DeviceLeft { user, device } => left.push((user, device)),
         }
     }
-    (claims, acks)
+    (claims, acks, left)
 }
 
 /// The next job of a batching loop. On shutdown the queue stops taking work but what it

@@ -24,12 +24,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::device::DeviceId;
 use crate::error::Error;
 use crate::limits::SendLimit;
 use crate::metrics::{DeliveryPath, Metrics};
 use crate::presence::{Outbound, Presence};
 use crate::protocol::{rfc3339, Accepted, Receipt, ServerFrame};
-use crate::store::{BufferedMessage, Receivers, Store, StoreError};
+use crate::store::{BufferedMessage, DevicePolicy, Receivers, Store, StoreError};
 use batching::{InsertJob, Record};
 
 /// Several shards keep several batches in flight under load (one shard halved the
@@ -65,6 +66,7 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     pub ack_timeout: Duration,
     pub send_limit: SendLimit,
+    pub devices: DevicePolicy,
 }
 
 impl Delivery {
@@ -78,11 +80,13 @@ impl Delivery {
             metrics,
             ack_timeout,
             send_limit,
+            devices,
         } = parts;
         let inserts = (0..INSERT_SHARDS)
             .map(|_| batching::spawn_insert_shard(&store, &metrics, tracker, cancel))
             .collect();
-        let records = batching::spawn_record_loop(&store, &instance, &metrics, tracker, cancel);
+        let records =
+            batching::spawn_record_loop(&store, &instance, &metrics, devices, tracker, cancel);
         Arc::new(Delivery {
             store,
             instance,
@@ -149,23 +153,48 @@ impl Delivery {
         accepted
     }
 
-    /// Records `user`'s acks (batched with other sockets' acks and with claims).
-    pub async fn ack(&self, user: String, ids: Vec<ObjectId>) -> Result<(), StoreError> {
+    /// Records `user`'s acks (batched with other sockets' acks and with claims), and,
+    /// from a device's socket, that device's receipt of them.
+    pub async fn ack(
+        &self,
+        user: String,
+        device: Option<DeviceId>,
+        ids: Vec<ObjectId>,
+    ) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
+        let job = records::AckJob {
+            user,
+            device,
+            ids,
+            reply,
+        };
         self.records
-            .send(Record::Ack(records::AckJob { user, ids, reply }))
+            .send(Record::Ack(job))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    /// An insert seen on the change stream: push it to the receiver's sockets here, then
-    /// record the delivery.
+    /// A device's socket ended: once its acks are written, its floor moves past them.
+    pub async fn device_left(&self, user: String, device: DeviceId) {
+        // Queued behind the socket's acks; lost only at shutdown, and a later move makes it.
+        let _ = self.records.send(Record::DeviceLeft { user, device }).await;
+    }
+
+    /// An insert seen on the change stream: push it to the receiver's sockets here (then
+    /// record the delivery), and to the sender's devices here (the sent-message sync; the
+    /// socket that sent it skips it, it made the id).
     pub async fn on_insert(&self, msg: &BufferedMessage) {
-        if !self.presence.is_online(&msg.receiver) {
+        let to_receiver = self.presence.is_online(&msg.receiver);
+        let to_sender = msg.sender != msg.receiver && self.presence.is_online(&msg.sender);
+        if !to_receiver && !to_sender {
             return;
         }
-        if self.presence.push(&msg.receiver, &chat_frame(msg)) > 0 {
+        let frame = chat_frame(msg);
+        if to_sender {
+            self.presence.push_to_devices(&msg.sender, &frame);
+        }
+        if to_receiver && self.presence.push(&msg.receiver, &frame) > 0 {
             let age_ms = DateTime::now().timestamp_millis() - msg.timestamp.timestamp_millis();
             self.metrics
                 .delivery_latency

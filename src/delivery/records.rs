@@ -1,6 +1,7 @@
 //! What one round of the record loop writes: the pure plan (which claims go in one write
 //! with their ack, which alone, which acks remain), apart from the writes themselves.
 
+use crate::device::DeviceId;
 use std::collections::{HashMap, HashSet};
 
 use mongodb::bson::oid::ObjectId;
@@ -20,6 +21,8 @@ pub struct Claim {
 /// A socket's acks, answered once written.
 pub struct AckJob {
     pub user: String,
+    /// The acking socket's device, whose own receipt of `ids` is recorded too.
+    pub device: Option<DeviceId>,
     pub ids: Vec<ObjectId>,
     pub reply: oneshot::Sender<Result<(), StoreError>>,
 }

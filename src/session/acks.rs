@@ -48,8 +48,9 @@ impl Session {
         self.unrecorded_acks += n;
         let state = self.state.clone();
         let user = self.claims.sub.clone();
+        let device = self.device.clone();
         self.ack_writes.push_back(Box::pin(async move {
-            let result = state.delivery.ack(user, ids).await;
+            let result = state.delivery.ack(user, device, ids).await;
             AckWritten {
                 result,
                 ids: n,

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Future, FutureExt};
 use tokio::sync::OwnedSemaphorePermit;
@@ -15,7 +16,7 @@ use crate::error::Error;
 use crate::metrics::DeliveryPath;
 use crate::presence::Queued;
 use crate::protocol::{JoinChat, Joined, ServerFrame};
-use crate::store::{overdue_cutoff, BufferedMessage, Pending, StoreError};
+use crate::store::{overdue_cutoff, BufferedMessage, Catchup, Pending, Reader, StoreError};
 
 /// A join's next step: counting what is pending (reading a small backlog whole), or
 /// waiting for the user's drain turn and opening the stream of a large one.
@@ -24,9 +25,16 @@ pub(super) type Opening = Pin<Box<dyn Future<Output = Result<Opened, StoreError>
 /// The steps of a join before its drain.
 pub(super) enum Opened {
     /// Counted, and small enough to be read whole: answer and drain.
-    Small { count: u64, cursor: Pending },
+    Small {
+        count: u64,
+        cursor: Pending,
+        catchup: Option<Arc<Catchup>>,
+    },
     /// Counted, too many to read whole: answer, then wait for the user's drain turn.
-    Large { count: u64 },
+    Large {
+        count: u64,
+        catchup: Option<Arc<Catchup>>,
+    },
     /// The turn came and the stream is open: drain.
     Streaming {
         turn: OwnedSemaphorePermit,
@@ -42,6 +50,8 @@ pub(super) struct Joining {
     /// they are answered with once known.
     calls: Vec<Option<CallId>>,
     count: Option<u64>,
+    /// A device's catch-up state, read at its registration (the stream reads by it).
+    catchup: Option<Arc<Catchup>>,
     /// Live frames that arrived since the join registered (or during a drain it restarts).
     held: VecDeque<Queued>,
 }
@@ -64,6 +74,16 @@ impl Session {
             self.reply_error(e, call);
             return Step::Continue;
         }
+        if let Some(device) = join.device_id {
+            if self.device.as_ref().is_some_and(|d| *d != device) {
+                let e =
+                    Error::bad_request("a socket joins as one device: `deviceId` cannot change");
+                self.refuse(e, call);
+                return Step::Continue;
+            }
+            self.device = Some(device);
+            self.guard.set_device(true);
+        }
         if let Some(queue) = self.guard.join(self.overflow.clone()) {
             self.queue = Some(queue);
         }
@@ -82,19 +102,37 @@ impl Session {
         self.guard.set_draining(true);
         let state = self.state.clone();
         let user = self.claims.sub.clone();
+        let device = self.device.clone();
         let opening = Box::pin(async move {
-            let ack_timeout = state.config.ack_timeout;
-            Ok(
-                match state.store().open_pending(&user, ack_timeout).await? {
-                    (count, Some(cursor)) => Opened::Small { count, cursor },
-                    (count, None) => Opened::Large { count },
+            let store = state.store();
+            let catchup = match device {
+                Some(device) => {
+                    let policy = state.config.device_policy();
+                    Some(Arc::new(
+                        store.register_device(&user, &device, policy).await?,
+                    ))
+                }
+                None => None,
+            };
+            let reader = Reader {
+                user: &user,
+                ack_timeout: state.config.ack_timeout,
+                device: catchup.as_deref(),
+            };
+            Ok(match store.open_pending(reader).await? {
+                (count, Some(cursor)) => Opened::Small {
+                    count,
+                    cursor,
+                    catchup,
                 },
-            )
+                (count, None) => Opened::Large { count, catchup },
+            })
         });
         self.joining = Some(Joining {
             opening,
             calls: vec![call],
             count: None,
+            catchup: None,
             held,
         });
         Step::Continue
@@ -106,26 +144,37 @@ impl Session {
             return;
         };
         match opened {
-            Ok(Opened::Small { count, cursor }) => {
-                self.answer_joined(count, &mut joining.calls);
+            Ok(Opened::Small {
+                count,
+                cursor,
+                catchup,
+            }) => {
+                self.answer_joined(count, catchup.as_deref(), &mut joining.calls);
                 self.start_drain(cursor, joining.held, None);
             }
-            Ok(Opened::Large { count }) => {
-                self.answer_joined(count, &mut joining.calls);
+            Ok(Opened::Large { count, catchup }) => {
+                self.answer_joined(count, catchup.as_deref(), &mut joining.calls);
                 joining.count = Some(count);
-                joining.opening = self.open_stream();
+                joining.opening = self.open_stream(catchup.clone());
+                joining.catchup = catchup;
                 self.joining = Some(joining);
             }
             Ok(Opened::Streaming { turn, cursor }) => {
                 // Joins that came while this one waited for its turn.
                 if let Some(count) = joining.count {
-                    self.answer_joined(count, &mut joining.calls);
+                    let catchup = joining.catchup.take();
+                    self.answer_joined(count, catchup.as_deref(), &mut joining.calls);
                 }
                 self.start_drain(cursor, joining.held, Some(turn));
             }
             Err(e) => {
                 // Not joined after all: what arrived meanwhile goes out as it would have.
                 self.guard.set_draining(false);
+                if matches!(e, StoreError::TooManyDevices(_)) {
+                    // Not a device either: it gets no sync of what its user sends.
+                    self.device = None;
+                    self.guard.set_device(false);
+                }
                 for item in joining.held {
                     write_filtered(&mut self.outbox, &mut self.sent, item);
                 }
@@ -142,7 +191,7 @@ impl Session {
 
     /// Waits for the user's drain turn on this instance, then opens the stream: one large
     /// drain at a time per user, so the cursors' read-ahead of many sockets does not add up.
-    fn open_stream(&self) -> Opening {
+    fn open_stream(&self, catchup: Option<Arc<Catchup>>) -> Opening {
         let turn = self.guard.drain_turn().clone();
         let state = self.state.clone();
         let user = self.claims.sub.clone();
@@ -152,18 +201,29 @@ impl Session {
                 .acquire_owned()
                 .await
                 .map_err(|_| StoreError::ShuttingDown)?;
-            let ack_timeout = state.config.ack_timeout;
-            let cursor = state.store().stream_pending(&user, ack_timeout).await?;
+            let reader = Reader {
+                user: &user,
+                ack_timeout: state.config.ack_timeout,
+                device: catchup.as_deref(),
+            };
+            let cursor = state.store().stream_pending(reader).await?;
             Ok(Opened::Streaming { turn, cursor })
         })
     }
 
     /// One `joined` (and its answer, for a call) per waiting `join_chat`.
-    fn answer_joined(&mut self, pending: u64, calls: &mut Vec<Option<CallId>>) {
+    fn answer_joined(
+        &mut self,
+        pending: u64,
+        catchup: Option<&Catchup>,
+        calls: &mut Vec<Option<CallId>>,
+    ) {
         let joined = Joined {
             user_id: self.claims.sub.clone(),
             instance: self.state.instance().to_owned(),
             pending,
+            device_id: catchup.map(|c| c.device.to_string()),
+            missed_history: catchup.map(|c| c.missed_history),
         };
         let answer = to_json(&joined);
         let frame = ServerFrame::Joined(joined).encode_out();
@@ -235,12 +295,16 @@ impl Session {
             write_filtered(&mut self.outbox, &mut self.sent, item);
         }
         if self.sent.insert(msg.id) {
-            let overdue = msg.is_overdue(drain.cutoff);
-            let frame = ServerFrame::ChatMessage(msg.to_wire(overdue));
+            // A device also catches up on what its user sent: no claim, no re-send there.
+            let received = msg.receiver == self.claims.sub;
+            let overdue = received && msg.is_overdue(drain.cutoff);
+            // A device may have been pushed this before its socket dropped, unacked.
+            let maybe_seen = self.device.is_some() && received && msg.is_unacked();
+            let frame = ServerFrame::ChatMessage(msg.to_wire(overdue || maybe_seen));
             self.outbox.push(frame.encode_out());
             if overdue {
                 drain.resent.push(msg.id);
-            } else if !msg.delivered {
+            } else if received && !msg.delivered {
                 drain.claim.push(msg.id);
             }
             drain.since_record += 1;

@@ -32,6 +32,7 @@ use futures::{Future, Sink, Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
+use crate::device::DeviceId;
 use crate::error::Error;
 use crate::error::WireError;
 use crate::limits::SocketLimits;
@@ -53,6 +54,8 @@ const STEP: usize = 128;
 /// How often a session that only its user's byte budget holds back looks again (the
 /// user's other sockets free the budget as they write; only such sessions pay this).
 const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long an ending socket waits for the acks it read to be recorded.
+const ACK_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a transport hands the session.
 pub enum Inbound {
@@ -132,6 +135,9 @@ pub struct Session {
     outbox: Outbox,
     joining: Option<Joining>,
     drain: Option<Drain>,
+    /// The device this socket joined as (docs/PROTOCOL.md, "Devices"); `None` for an
+    /// ephemeral socket.
+    device: Option<DeviceId>,
     /// Fires when the outbox has waited `MSGBUF_WRITE_TIMEOUT` without the socket taking
     /// anything: a stalled writer counts as a full queue. Made on the first write.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -159,6 +165,7 @@ impl Session {
             outbox,
             joining: None,
             drain: None,
+            device: None,
             stall: None,
         }
     }
@@ -220,11 +227,29 @@ impl Session {
             };
             if let Step::End(end) = step {
                 // A drain cut short records nothing more: what it wrote but did not claim
-                // stays undelivered for the next join. Sends still in flight complete in the insert shards (the messages are
-                // stored); only their acknowledgements are lost with the socket, and
-                // clients retry by clientMsgId.
+                // stays undelivered for the next join. Sends still in flight complete in
+                // the insert shards (the messages are stored); only their
+                // acknowledgements are lost with the socket, and clients retry by
+                // clientMsgId.
+                self.finish().await;
                 return end;
             }
+        }
+    }
+
+    /// The acks read before the end are still recorded (a device that acked and closed
+    /// must not get those messages again), within [`ACK_FLUSH`]; then a device's floor
+    /// moves past them.
+    async fn finish(&mut self) {
+        let writes = &mut self.ack_writes;
+        let flushed =
+            tokio::time::timeout(ACK_FLUSH, async { while writes.next().await.is_some() {} });
+        if flushed.await.is_err() {
+            tracing::debug!("acks still unrecorded when the socket ended");
+        }
+        if let Some(device) = self.device.take() {
+            let user = self.claims.sub.clone();
+            self.state.delivery.device_left(user, device).await;
         }
     }
 
@@ -290,13 +315,20 @@ impl Session {
         if let Err(e) = self.state.delivery.check_send(&self.claims.sub) {
             return self.reply_error(e.with_client_msg_id(m.client_msg_id), call);
         }
-        let msg = BufferedMessage::new(
+        let mut msg = BufferedMessage::new(
             &self.claims.sub,
             &m.to,
             &m.chat_id,
             &m.message,
             m.client_msg_id,
         );
+        if let Some(device) = &self.device {
+            msg.sender_device = Some(device.to_string());
+            // The sync of this message to the user's devices is not echoed to this socket.
+            if msg.receiver != msg.sender {
+                self.sent.insert(msg.id);
+            }
+        }
         let state = self.state.clone();
         self.inflight.push_back(Box::pin(async move {
             let client_msg_id = msg.client_msg_id.clone();

@@ -12,6 +12,9 @@ pub enum StoreError {
     Bson(#[from] mongodb::bson::de::Error),
     #[error("the store is shutting down")]
     ShuttingDown,
+    /// A new device would pass the user's device limit.
+    #[error("too many devices for this user (limit {0})")]
+    TooManyDevices(usize),
 }
 
 impl StoreError {
@@ -19,7 +22,7 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Mongo(e) => is_transient(e),
-            StoreError::Bson(_) => false,
+            StoreError::Bson(_) | StoreError::TooManyDevices(_) => false,
             StoreError::ShuttingDown => true,
         }
     }
@@ -28,15 +31,22 @@ impl StoreError {
     pub(crate) fn duplicate(&self) -> StoreError {
         match self {
             StoreError::Mongo(e) => StoreError::Mongo(e.clone()),
+            StoreError::TooManyDevices(n) => StoreError::TooManyDevices(*n),
             _ => StoreError::ShuttingDown,
         }
     }
 }
 
 impl From<StoreError> for Error {
-    /// Retryable failures tell the client to retry; anything else is internal. The
+    /// Retryable failures tell the client to retry; a device past the limit is forbidden;
+    /// anything else is internal. The
     /// driver's text stays in the cause (logged), never in the answer.
     fn from(e: StoreError) -> Self {
+        if let StoreError::TooManyDevices(limit) = e {
+            return Error::forbidden(format!(
+                "too many devices for this user (limit {limit}): forget one with DELETE /api/users/{{userId}}/devices/{{deviceId}}"
+            ));
+        }
         if e.is_unavailable() {
             Error::new(
                 ErrorCode::Unavailable,

@@ -16,6 +16,8 @@ pub const DRAIN_INDEX: &str = "receiver_1_delivered_1__id_1";
 /// only messages in flight, never a user's whole delivered history.
 pub const UNACKED_INDEX: &str = "receiver_1__id_1_unacked";
 pub const TTL_INDEX: &str = "deliveredAt_ttl";
+/// What a user sent, in `_id` order: the sent-message sync of a device's catch-up.
+pub const SENDER_INDEX: &str = "sender_1__id_1";
 pub(super) const DELIVERED_INDEX: &str = "delivered_1";
 pub(super) const OLDEST_UNDELIVERED_INDEX: &str = "delivered_1__id_1";
 pub(super) const RECEIVER_DELIVERED_INDEX: &str = "receiver_1_delivered_1";
@@ -57,6 +59,7 @@ impl Store {
                         .build(),
                 )
                 .build(),
+            named(doc! {"sender": 1, "_id": 1}, SENDER_INDEX),
             // Idempotent sends: one document per (sender, clientMsgId).
             IndexModel::builder()
                 .keys(doc! {"sender": 1, "clientMsgId": 1})

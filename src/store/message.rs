@@ -33,6 +33,10 @@ pub struct BufferedMessage {
     pub acked_at: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_msg_id: Option<String>,
+    /// The sender's device, when it sent from one: that device's catch-up skips it (it
+    /// has what it sent); the sender's other devices get it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_device: Option<String>,
     #[serde(default)]
     pub redeliveries: i32,
     pub updated_at: DateTime,
@@ -60,6 +64,7 @@ impl BufferedMessage {
             pushed_at: None,
             acked_at: None,
             client_msg_id,
+            sender_device: None,
             redeliveries: 0,
             updated_at: now,
         }
@@ -90,7 +95,12 @@ impl BufferedMessage {
     /// Pushed, unacknowledged, and past its ack timeout (`cutoff` from [`overdue_cutoff`]):
     /// the in-memory twin of the store's overdue filter.
     pub fn is_overdue(&self, cutoff: DateTime) -> bool {
-        self.delivered && self.acked_at.is_none() && self.pushed_at.is_some_and(|p| p < cutoff)
+        self.is_unacked() && self.pushed_at.is_some_and(|p| p < cutoff)
+    }
+
+    /// Pushed (to some socket of the receiver), not acknowledged yet.
+    pub fn is_unacked(&self) -> bool {
+        self.delivered && self.acked_at.is_none()
     }
 }
 

@@ -8,10 +8,12 @@
 //! One file per noun: [`message`] (the document), [`error`] (error classes and the server's
 //! error codes), [`indexes`], [`writes`] (sends, claims, acks, re-sends), [`pending`] (what a
 //! join drains: two index-ordered cursors merged), [`reads`] (sweeps, pages, counts),
-//! [`changes`] (the change stream and its checkpoints), [`retention`] (the cleanup's lease
+//! [`changes`] (the change stream and its checkpoints), [`devices`] (each device's catch-up
+//! state), [`retention`] (the cleanup's lease
 //! and deletes).
 
 mod changes;
+mod devices;
 mod error;
 mod indexes;
 mod message;
@@ -25,10 +27,11 @@ use mongodb::options::{CollectionOptions, ReadConcern, WriteConcern};
 use mongodb::{Collection, Database};
 
 pub use changes::{is_history_lost, MessageChanges};
+pub use devices::{Catchup, DevicePolicy, DEVICES};
 pub use error::StoreError;
 pub use indexes::TTL_INDEX;
 pub use message::{overdue_cutoff, BufferedMessage};
-pub use pending::Pending;
+pub use pending::{Pending, Reader};
 pub use reads::Receivers;
 
 pub const MESSAGES: &str = "buffered_messages";
@@ -43,6 +46,8 @@ pub struct Store {
     messages: Collection<BufferedMessage>,
     /// Untyped, for writes and counts (no decode of what they do not return).
     raw: Collection<Document>,
+    /// Each device's catch-up state ([`devices`]).
+    devices: Collection<Document>,
 }
 
 impl Store {
@@ -51,9 +56,15 @@ impl Store {
             .write_concern(WriteConcern::majority())
             .read_concern(ReadConcern::majority())
             .build();
-        let messages = db.collection_with_options::<BufferedMessage>(MESSAGES, options);
+        let messages = db.collection_with_options::<BufferedMessage>(MESSAGES, options.clone());
         let raw = messages.clone_with_type::<Document>();
-        Store { db, messages, raw }
+        let devices = db.collection_with_options::<Document>(DEVICES, options);
+        Store {
+            db,
+            messages,
+            raw,
+            devices,
+        }
     }
 
     /// Answers when MongoDB does (`/readyz`).

@@ -1,22 +1,29 @@
 //! What a join drains: a user's pending messages — undelivered, and pushed but overdue for
-//! their ack — oldest first, read as two index-ordered halves merged by `_id`.
+//! their ack — oldest first, read as index-ordered sources merged by `_id`. A device's
+//! join adds what it missed above its floor (received, and sent from its user's other
+//! sockets), less what it acknowledged.
 
+use std::collections::HashSet;
 use std::future::IntoFuture;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::options::Hint;
 
-use super::indexes::{unacked_filter, DRAIN_INDEX, UNACKED_INDEX};
+use super::devices::{received_above, sent_above};
+use super::indexes::{unacked_filter, DRAIN_INDEX, SENDER_INDEX, UNACKED_INDEX};
 use super::message::overdue_cutoff;
-use super::{BufferedMessage, Store, StoreError};
+use super::{BufferedMessage, Catchup, Store, StoreError};
 
-/// A join reads up to this many pending messages per half in one go and counts them
+/// A join reads up to this many pending messages per source in one go and counts them
 /// itself; above it, the join counts, and streams later ([`Store::stream_pending`]). Small
 /// enough that what a socket holds before its drain is bounded: 2 × 32 messages of at
-/// most 16 KiB, about 1 MiB.
+/// most 16 KiB, about 1 MiB (a device's sources above its floor also read what it
+/// acknowledged there, up to [`SMALL_ACKED`] more).
 const SMALL_BACKLOG: i64 = 32;
+const SMALL_ACKED: i64 = 256;
 /// Documents per `getMore` of a streamed drain. A drain's read-ahead is the one buffer
 /// outside the byte budgets (the driver holds each batch whole): two cursors of 256
 /// messages of at most 16 KiB stay under 9 MiB, and a user drains one socket at a time.
@@ -31,105 +38,132 @@ pub(super) fn overdue_of(receiver: Bson, ack_timeout: Duration) -> Document {
     filter
 }
 
+/// Whose messages a join reads: the user's, and for a device's join its catch-up state.
+#[derive(Debug, Clone, Copy)]
+pub struct Reader<'a> {
+    pub user: &'a str,
+    pub ack_timeout: Duration,
+    pub device: Option<&'a Catchup>,
+}
+
 impl Store {
-    /// The drain filter: undelivered messages, and pushed-but-unacknowledged ones past the
-    /// ack timeout.
+    /// The drain filter of an ephemeral socket: undelivered messages, and
+    /// pushed-but-unacknowledged ones past the ack timeout.
     pub fn pending_filter(user: &str, ack_timeout: Duration) -> Document {
-        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
+        let [undelivered, overdue] = drain_filters(user, ack_timeout);
         doc! {"$or": [undelivered, overdue]}
     }
 
-    /// The two halves of [`Store::pending_filter`] and the index that answers each in `_id`
-    /// order (no in-memory sort of a large backlog): undelivered from [`DRAIN_INDEX`], and
-    /// delivered-but-overdue from [`UNACKED_INDEX`].
-    pub fn drain_filters(user: &str, ack_timeout: Duration) -> [Document; 2] {
-        [
-            doc! {"receiver": user, "delivered": false},
-            overdue_of(user.into(), ack_timeout),
+    /// What a join reads, source by source, with the index that answers each in `_id`
+    /// order (no in-memory sort of a large backlog). An ephemeral socket: undelivered
+    /// (from [`DRAIN_INDEX`]) and delivered-but-overdue (from [`UNACKED_INDEX`]). A device
+    /// (`Some((deviceId, floor))`): those two at or below its floor, and above it everything
+    /// it was sent (both `delivered` values of [`DRAIN_INDEX`]) and what its user sent
+    /// from elsewhere ([`SENDER_INDEX`]): each a bounded range of an index.
+    pub fn catch_up_filters(
+        user: &str,
+        ack_timeout: Duration,
+        device: Option<(&str, ObjectId)>,
+    ) -> Vec<(Document, &'static str)> {
+        let [mut undelivered, mut overdue] = drain_filters(user, ack_timeout);
+        let Some((device, floor)) = device else {
+            return vec![(undelivered, DRAIN_INDEX), (overdue, UNACKED_INDEX)];
+        };
+        undelivered.insert("_id", doc! {"$lte": floor});
+        overdue.insert("_id", doc! {"$lte": floor});
+        vec![
+            (undelivered, DRAIN_INDEX),
+            (overdue, UNACKED_INDEX),
+            (received_above(user, doc! {"$gt": floor}), DRAIN_INDEX),
+            (sent_above(user, device, doc! {"$gt": floor}), SENDER_INDEX),
         ]
     }
 
-    /// The index each of [`Store::drain_filters`] is read from.
-    pub const DRAIN_HINTS: [&'static str; 2] = [DRAIN_INDEX, UNACKED_INDEX];
-
-    /// What a join needs first: how many messages are pending for `user`, and, when there
-    /// are few (the usual case), all of them, oldest first: one limited read per half,
-    /// counted from what was read. A larger backlog is only counted (`None`): the caller
-    /// streams it with [`Store::stream_pending`] when it is ready to.
+    /// What a join needs first: how many messages it will send, and, when there are few
+    /// (the usual case), all of them, oldest first: one limited read per source, counted
+    /// from what was read. A larger backlog is only counted (`None`): the caller streams
+    /// it with [`Store::stream_pending`] when it is ready to.
     pub async fn open_pending(
         &self,
-        user: &str,
-        ack_timeout: Duration,
+        reader: Reader<'_>,
     ) -> Result<(u64, Option<Pending>), StoreError> {
-        let [undelivered, overdue] = self.pending_finds(user, ack_timeout).map(|find| {
-            find.limit(SMALL_BACKLOG + 1)
-                .batch_size(SMALL_BACKLOG as u32 + 1)
-        });
-        let (undelivered, overdue) =
-            futures::try_join!(undelivered.into_future(), overdue.into_future())?;
-        let (undelivered, overdue): (Vec<_>, Vec<_>) =
-            futures::try_join!(undelivered.try_collect(), overdue.try_collect())?;
-        let limit = SMALL_BACKLOG as usize;
-        if undelivered.len() <= limit && overdue.len() <= limit {
-            let mut all = undelivered;
-            all.extend(overdue);
+        let skip = skipped(reader);
+        let limits: Vec<i64> = self
+            .filters(reader)
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let acked = if i >= 2 { skip.len() as i64 } else { 0 };
+                SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED)
+            })
+            .collect();
+        let reads = self
+            .finds(reader)
+            .into_iter()
+            .zip(&limits)
+            .map(|(find, limit)| async move {
+                let cursor = find.limit(*limit).batch_size(*limit as u32).await?;
+                cursor.try_collect::<Vec<_>>().await
+            });
+        let sources = futures::future::try_join_all(reads).await?;
+        let cut = sources
+            .iter()
+            .zip(&limits)
+            .any(|(read, limit)| read.len() as i64 >= *limit);
+        if !cut {
+            let mut all: Vec<BufferedMessage> = sources
+                .into_iter()
+                .flatten()
+                .filter(|m| !skip.contains(&m.id))
+                .collect();
             all.sort_by_key(|m| m.id);
+            all.dedup_by_key(|m| m.id);
             return Ok((all.len() as u64, Some(Pending::loaded(all))));
         }
-        let count = self.count_pending(user, ack_timeout).await?;
-        Ok((count, None))
+        let count = self.count_pending(reader).await?;
+        Ok((count.saturating_sub(skip.len() as u64), None))
     }
 
-    /// How many messages a join will drain: the two halves counted apart, each from its
-    /// own index (an `$or` count is planned per call and may pick a plan that reads the
-    /// user's whole history).
-    async fn count_pending(&self, user: &str, ack_timeout: Duration) -> Result<u64, StoreError> {
-        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
-        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
-        let count = |filter: Document, index: &str| {
+    /// How many messages a join will send (for a device, before taking off what it
+    /// acknowledged): each source counted apart, from its own index (an `$or` count is
+    /// planned per call and may pick a plan that reads the user's whole history).
+    async fn count_pending(&self, reader: Reader<'_>) -> Result<u64, StoreError> {
+        let counts = self.filters(reader).into_iter().map(|(filter, index)| {
             self.raw
                 .count_documents(filter)
                 .hint(Hint::Name(index.into()))
                 .into_future()
-        };
-        let (a, b) = futures::try_join!(
-            count(undelivered, undelivered_index),
-            count(overdue, overdue_index)
-        )?;
-        Ok(a + b)
+        });
+        Ok(futures::future::try_join_all(counts).await?.iter().sum())
     }
 
-    /// Every pending message of `user`, oldest first, streamed in batches.
-    pub async fn stream_pending(
-        &self,
-        user: &str,
-        ack_timeout: Duration,
-    ) -> Result<Pending, StoreError> {
-        let [undelivered, overdue] = self
-            .pending_finds(user, ack_timeout)
-            .map(|find| find.batch_size(STREAM_BATCH));
-        let (undelivered, overdue) =
-            futures::try_join!(undelivered.into_future(), overdue.into_future())?;
+    /// Every message a join sends, oldest first, streamed in batches.
+    pub async fn stream_pending(&self, reader: Reader<'_>) -> Result<Pending, StoreError> {
+        let opens = self
+            .finds(reader)
+            .into_iter()
+            .map(|find| find.batch_size(STREAM_BATCH).into_future());
+        let cursors = futures::future::try_join_all(opens).await?;
+        let n = cursors.len();
         Ok(Pending(Source::Streaming(Box::new(Streams {
-            cursors: [undelivered, overdue],
-            heads: [None, None],
-            exhausted: [false, false],
+            cursors,
+            heads: (0..n).map(|_| None).collect(),
+            exhausted: vec![false; n],
+            skip: skipped(reader),
         }))))
     }
 
-    /// The two halves of `user`'s pending messages, each read in `_id` order from the index
-    /// that answers it.
-    fn pending_finds(
-        &self,
-        user: &str,
-        ack_timeout: Duration,
-    ) -> [mongodb::action::Find<'_, BufferedMessage>; 2] {
-        let [undelivered, overdue] = Self::drain_filters(user, ack_timeout);
-        let [undelivered_index, overdue_index] = Self::DRAIN_HINTS;
-        [
-            self.oldest_first_in(undelivered, undelivered_index),
-            self.oldest_first_in(overdue, overdue_index),
-        ]
+    fn filters(&self, reader: Reader<'_>) -> Vec<(Document, &'static str)> {
+        let device = reader.device.map(|d| (d.device.as_str(), d.floor));
+        Self::catch_up_filters(reader.user, reader.ack_timeout, device)
+    }
+
+    /// The sources of a join, each read in `_id` order from the index that answers it.
+    fn finds(&self, reader: Reader<'_>) -> Vec<mongodb::action::Find<'_, BufferedMessage>> {
+        self.filters(reader)
+            .into_iter()
+            .map(|(filter, index)| self.oldest_first_in(filter, index))
+            .collect()
     }
 
     /// Messages matching `filter`, oldest first, read from `index` (hinted: one plan, never
@@ -146,21 +180,36 @@ impl Store {
     }
 }
 
-/// A user's pending messages, oldest first: two index-ordered cursors merged by `_id`.
+/// The two halves of an ephemeral socket's drain.
+fn drain_filters(user: &str, ack_timeout: Duration) -> [Document; 2] {
+    [
+        doc! {"receiver": user, "delivered": false},
+        overdue_of(user.into(), ack_timeout),
+    ]
+}
+
+/// The ids a device acknowledged above its floor: its join skips them.
+fn skipped(reader: Reader<'_>) -> Arc<HashSet<ObjectId>> {
+    Arc::new(reader.device.map(|d| d.acked.clone()).unwrap_or_default())
+}
+
+/// The messages a join sends, oldest first: index-ordered cursors merged by `_id`.
 pub struct Pending(Source);
 
 enum Source {
     /// A small backlog, read whole and merged.
     Loaded(std::vec::IntoIter<BufferedMessage>),
-    /// Two cursors (one per half, each in `_id` order), merged by `_id` as they stream.
+    /// One cursor per source (each in `_id` order), merged by `_id` as they stream.
     Streaming(Box<Streams>),
 }
 
 struct Streams {
-    cursors: [mongodb::Cursor<BufferedMessage>; 2],
-    /// The next message of each half, read ahead to compare ids.
-    heads: [Option<BufferedMessage>; 2],
-    exhausted: [bool; 2],
+    cursors: Vec<mongodb::Cursor<BufferedMessage>>,
+    /// The next message of each source, read ahead to compare ids.
+    heads: Vec<Option<BufferedMessage>>,
+    exhausted: Vec<bool>,
+    /// Ids left out (what a device acknowledged).
+    skip: Arc<HashSet<ObjectId>>,
 }
 
 impl Pending {
@@ -168,7 +217,7 @@ impl Pending {
         Pending(Source::Loaded(messages.into_iter()))
     }
 
-    /// The next pending message, `None` at the end.
+    /// The next message, `None` at the end.
     ///
     /// Cancel-safe: it only awaits while filling an empty head (a cursor's `next` keeps its
     /// `getMore` in the cursor), and takes a message without awaiting, so a session can
@@ -178,21 +227,26 @@ impl Pending {
             Source::Loaded(messages) => return messages.next().map(Ok),
             Source::Streaming(streams) => &mut **streams,
         };
-        for i in 0..2 {
-            if streams.heads[i].is_none() && !streams.exhausted[i] {
-                match streams.cursors[i].next().await {
-                    Some(Ok(m)) => streams.heads[i] = Some(m),
-                    Some(Err(e)) => return Some(Err(e.into())),
-                    None => streams.exhausted[i] = true,
+        loop {
+            for i in 0..streams.cursors.len() {
+                if streams.heads[i].is_none() && !streams.exhausted[i] {
+                    match streams.cursors[i].next().await {
+                        Some(Ok(m)) => streams.heads[i] = Some(m),
+                        Some(Err(e)) => return Some(Err(e.into())),
+                        None => streams.exhausted[i] = true,
+                    }
                 }
             }
+            let oldest = streams
+                .heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.as_ref().map(|m| (m.id, i)))
+                .min()?;
+            let msg = streams.heads[oldest.1].take()?;
+            if !streams.skip.contains(&msg.id) {
+                return Some(Ok(msg));
+            }
         }
-        let i = match &streams.heads {
-            [None, None] => return None,
-            [Some(_), None] => 0,
-            [None, Some(_)] => 1,
-            [Some(a), Some(b)] => usize::from(b.id < a.id),
-        };
-        streams.heads[i].take().map(Ok)
     }
 }

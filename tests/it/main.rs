@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod contract;
 mod delivery;
+mod devices;
 mod embedded;
 mod faults;
 mod harness;
