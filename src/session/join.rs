@@ -1,5 +1,6 @@
-//! A join: registering the socket, answering `joined` with the number pending, and the
-//! drain of what is pending, oldest first, merged with the live pushes held meanwhile. A
+//! A join: registering the socket (and, with a `deviceId`, the device: its catch-up
+//! state), answering `joined` with the number pending, and the drain of what is pending,
+//! oldest first, merged with the live pushes held meanwhile. A
 //! large backlog waits for the user's drain turn on the instance, so that one user's many
 //! sockets hold one drain's read-ahead, not one each.
 

@@ -1,7 +1,7 @@
 //! The session core: what a connected, authenticated user does, whatever the transport —
-//! join (register, count pending, drain oldest first, merge live pushes queued meanwhile),
-//! send (accept with idempotency and the rate limit), ack, receipts, and the per-socket
-//! duplicate filter.
+//! join (register, count pending, drain oldest first, merge live pushes queued meanwhile;
+//! a device also catches up on what it missed), send (accept with idempotency and the rate
+//! limit), ack (per device too), receipts, and the per-socket duplicate filter.
 //!
 //! A transport (protocol v1 on `/ws`: [`crate::ws`]; Socket.IO: [`crate::socketio`]) turns
 //! its frames into [`Inbound`] items and gives the session a sink of [`Out`] items (encoded
