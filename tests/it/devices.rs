@@ -188,6 +188,13 @@ async fn a_device_dropping_and_rejoining_on_alternate_instances_gets_every_messa
     let (a, b) = two_instances(&rs, &db).await;
     let (first, _) = join_device(&a, "bob", "phone").await;
     first.close().await;
+    // A laptop joined all along receives and claims everything at once: what the phone
+    // gets, it gets from its own catch-up state, not from what is still undelivered.
+    let (mut laptop, _) = join_device(&a, "bob", "laptop").await;
+    let laptop = tokio::spawn(async move {
+        receive_acking(&mut laptop, 2 * PER_SENDER).await;
+        laptop
+    });
     let (alice, _) = a.join("alice").await;
     let (carol, _) = b.join("carol").await;
     // Both instances insert at once, paced so that the sends span many rejoins.
@@ -240,6 +247,7 @@ async fn a_device_dropping_and_rejoining_on_alternate_instances_gets_every_messa
     }
     let received: HashSet<String> = got.keys().cloned().collect();
     assert_eq!(received, sent, "all 200, after {joins} joins");
+    laptop.await.expect("the laptop got all 200 too");
     assert!(
         unflagged_repeats.is_empty(),
         "repeats without the flag: {unflagged_repeats:?}"
@@ -391,44 +399,31 @@ async fn a_socketio_device_catches_up_like_a_v1_one() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("device_socketio");
     let a = Instance::start(test_config(&rs, &db, "A")).await;
-    let sio = ClientConfig {
-        proto: Proto::SocketIo,
-        ..ClientConfig::default()
+    // The original app's join, with the device added: `{userId, deviceId}`.
+    let join_tablet = || async {
+        let sio = ClientConfig {
+            proto: Proto::SocketIo,
+            ..ClientConfig::default()
+        };
+        let url = Proto::SocketIo.endpoint(&format!("ws://{}", a.addr));
+        let mut tablet = WsClient::connect_with(&url, &token("bob"), &sio)
+            .await
+            .expect("socket.io connect");
+        let join = serde_json::json!({"userId": "bob", "deviceId": "tablet"});
+        tablet.send_event("join_chat", join).await.expect("join");
+        let joined = tablet.expect("joined", T).await.expect("joined").data;
+        assert_eq!(joined["deviceId"], "tablet");
+        (tablet, joined)
     };
-    let url = Proto::SocketIo.endpoint(&format!("ws://{}", a.addr));
-    let mut tablet = WsClient::connect_with(&url, &token("bob"), &sio)
-        .await
-        .expect("socket.io connect");
-    tablet
-        .send_event(
-            "join_chat",
-            serde_json::json!({"userId": "bob", "deviceId": "tablet"}),
-        )
-        .await
-        .expect("join");
-    let joined = tablet.expect("joined", T).await.expect("joined").data;
-    assert_eq!(joined["deviceId"], "tablet");
-    tablet.close().await;
+    join_tablet().await.0.close().await;
 
     let (mut phone, _) = join_device(&a, "bob", "phone").await;
     let (mut alice, _) = a.join("alice").await;
     let sent = send_n(&mut alice, "bob", 3, "m").await;
     receive_acking(&mut phone, 3).await;
 
-    let mut tablet = WsClient::connect_with(&url, &token("bob"), &sio)
-        .await
-        .expect("socket.io connect");
-    tablet
-        .send_event(
-            "join_chat",
-            serde_json::json!({"userId": "bob", "deviceId": "tablet"}),
-        )
-        .await
-        .expect("join");
-    assert_eq!(
-        tablet.expect("joined", T).await.expect("joined").data["pending"],
-        3
-    );
+    let (mut tablet, joined) = join_tablet().await;
+    assert_eq!(joined["pending"], 3, "{joined}");
     let caught_up = receive_acking(&mut tablet, 3).await;
     assert_eq!(ids(&caught_up), sent);
 }
