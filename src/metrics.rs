@@ -60,6 +60,8 @@ pub struct Metrics {
     pub receipts: Counter,
     pub delivery_latency: Histogram,
     pub accept_latency: Histogram,
+    /// Sends accepted later than the device skew window after their id was made.
+    pub late_accepts: Counter,
     pub insert_latency: Histogram,
     pub stream_lag: Histogram,
     pub stream_events: Counter,
@@ -151,6 +153,11 @@ impl Metrics {
             accept_latency: histogram(
                 "msgbuf_accept_latency_seconds",
                 "A send read from its socket to stored with majority write concern (queue + insert)",
+            ),
+            late_accepts: counter(
+                "msgbuf_late_accepts_total",
+                "Sends accepted later than MSGBUF_DEVICE_SKEW after they arrived (a device that caught up past them meanwhile would not get them)",
+                &[],
             ),
             insert_latency: histogram(
                 "msgbuf_insert_batch_seconds",

@@ -56,6 +56,9 @@ pub struct Delivery {
     recent: recent::RecentAccepts,
     /// Sends per user on this instance, whatever the socket or route.
     send_limit: SendLimit,
+    /// An accept later than this after its id was made breaks the devices' skew bound
+    /// (`MSGBUF_DEVICE_SKEW`): counted and logged.
+    late_after: Duration,
 }
 
 /// What delivery is built from: one of each per instance.
@@ -97,6 +100,7 @@ impl Delivery {
             records,
             recent: recent::RecentAccepts::default(),
             send_limit,
+            late_after: devices.skew,
         })
     }
 
@@ -147,10 +151,26 @@ impl Delivery {
         self.metrics
             .accept_latency
             .record(started.elapsed().as_secs_f64());
+        if let Ok(a) = &accepted {
+            self.check_skew(a);
+        }
         if let (Some(key), Ok(accepted)) = (key, &accepted) {
             self.recent.insert(key, accepted.clone());
         }
         accepted
+    }
+
+    /// A message accepted (or found again by its clientMsgId) longer than the skew window
+    /// after its id was made may commit below a device's floor: say so, loudly.
+    fn check_skew(&self, accepted: &Accepted) {
+        let made = ObjectId::parse_str(&accepted.id).map(|id| id.timestamp());
+        let Ok(made) = made else { return };
+        // An id's time is in whole seconds: up to one more second of age is rounding.
+        let age = DateTime::now().timestamp_millis() - made.timestamp_millis() - 1000;
+        if age > self.late_after.as_millis() as i64 {
+            self.metrics.late_accepts.increment(1);
+            tracing::warn!(id = %accepted.id, age_ms = age, "a send was accepted later than MSGBUF_DEVICE_SKEW after it arrived; raise the skew above the longest write");
+        }
     }
 
     /// Records `user`'s acks (batched with other sockets' acks and with claims), and,
