@@ -32,6 +32,7 @@ const ui = {
   lookupButton: $('#lookup-button'),
   lookupError: $('#lookup-error'),
   buffered: $('#buffered'),
+  devices: $('#devices'),
   firstPage: $('#first-page'),
   nextPage: $('#next-page'),
   clearButton: $('#clear-button'),
@@ -204,7 +205,7 @@ function setStat(name, text) {
 }
 
 function renderStats(s) {
-  for (const key of ['undelivered', 'unacked', 'delivered', 'total', 'usersWithUndelivered', 'onlineUsers', 'connections']) {
+  for (const key of ['undelivered', 'unacked', 'delivered', 'total', 'usersWithUndelivered', 'devices', 'onlineUsers', 'connections']) {
     const n = toNumber(s[key]);
     setStat(key, n === null ? '—' : n.toLocaleString('en-US').replace(/,/g, '\u202f'));
     const node = ui.stats.querySelector(`[data-stat="${key}"]`);
@@ -432,6 +433,8 @@ async function lookup(user, after, page) {
     const data = await api(`/api/messages/buffered/${encodeURIComponent(user)}?${qs}`, { token: state.token });
     state.lookup = { user, after, next: data && data.next ? data.next : null, page };
     renderBuffered(user, (data && data.messages) || [], page);
+    const devices = await api(`/api/users/${encodeURIComponent(user)}/devices`, { token: state.token });
+    renderDevices(user, (devices && devices.devices) || []);
   } catch (e) {
     if (authFailed(e)) return;
     showNotice(ui.lookupError, `Look-up failed: ${e.message}`);
@@ -439,6 +442,30 @@ async function lookup(user, after, page) {
     ui.lookupButton.disabled = false;
     ui.buffered.removeAttribute('aria-busy');
   }
+}
+
+/** The user's devices: each catches up on its own (docs/PROTOCOL.md, "Devices"). */
+function renderDevices(user, devices) {
+  const caption = devices.length ? `Devices of ${user}: ${devices.length}` : `No devices registered for ${user}.`;
+  const head = el('tr', {}, ...['Device', 'First seen', 'Last seen', 'Not received'].map((h) => el('th', { scope: 'col', text: h })));
+  const rows = devices.map((d) =>
+    el(
+      'tr',
+      { dataset: { device: d.deviceId || '', pending: String(d.pending ?? '') } },
+      el('td', { class: 'mono', text: d.deviceId ?? '' }),
+      el('td', { class: 'nowrap', text: formatDateTime(d.firstSeen) }),
+      el('td', { class: 'nowrap', text: formatDateTime(d.lastSeen) }),
+      el('td', { text: String(d.pending ?? '—') }),
+    ),
+  );
+  const table = el(
+    'table',
+    { class: 'data', dataset: { user, devices: String(devices.length) } },
+    el('caption', { text: caption }),
+    el('thead', {}, head),
+    el('tbody', {}, rows),
+  );
+  ui.devices.replaceChildren(table);
 }
 
 function renderBuffered(user, messages, page) {

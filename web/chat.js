@@ -218,7 +218,9 @@ function connect() {
   ws.addEventListener('open', () => {
     if (gen !== state.generation) return;
     state.everOpened = true;
-    send({ event: 'join_chat', data: {} });
+    // A stable device id: this browser catches up on what it missed, even what another
+    // device of the same user already received (docs/PROTOCOL.md, "Devices").
+    send({ event: 'join_chat', data: { deviceId: deviceId() } });
   });
   ws.addEventListener('message', (ev) => {
     if (gen !== state.generation) return;
@@ -244,6 +246,27 @@ function connect() {
     if (!opened) checkTokenStillValid();
   });
   // 'error' is always followed by 'close'; nothing to do here.
+}
+
+/** This browser's device id, made once and kept in localStorage (shared by its tabs). */
+function deviceId() {
+  const key = 'msgbuf.deviceId';
+  let id = null;
+  try {
+    id = localStorage.getItem(key);
+  } catch {
+    // Storage disabled: an id for this page's life only.
+  }
+  if (!id || !/^[A-Za-z0-9_.:-]{1,64}$/.test(id)) {
+    const bytes = crypto.getRandomValues(new Uint8Array(8));
+    id = 'web-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+    try {
+      localStorage.setItem(key, id);
+    } catch {
+      // As above.
+    }
+  }
+  return id;
 }
 
 function send(frame) {
@@ -331,6 +354,9 @@ function onJoined(data) {
   state.countdownTimer = null;
   setStatus('connected', 'connected');
   setInstance(data.instance || null);
+  if (data.missedHistory === true) {
+    setStatus('connected', 'connected — away too long: older messages may be missing');
+  }
   ui.status.dataset.pending = String(state.drainRemaining);
   // Flush what was written while disconnected (and resend unaccepted ones).
   for (const entry of state.byClientId.values()) {
@@ -345,20 +371,27 @@ function onChatMessage(m) {
   if (fromDrain) state.drainRemaining--;
   const offline = fromDrain || m.redelivery === true;
   queueAck(m.id);
-  if (state.inById.has(m.id)) return; // duplicate (e.g. redelivery after reconnect)
+  if (state.inById.has(m.id) || state.outById.has(m.id)) return; // duplicate (e.g. redelivery after reconnect)
+  // Sent by this user from another device (the sent-message sync): shown as sent.
+  const mine = state.me && m.from === state.me && m.to !== state.me;
   const li = renderMessage({
     id: m.id,
-    direction: 'in',
+    direction: mine ? 'out' : 'in',
     from: m.from,
     to: m.to,
     chatId: m.chatId,
     message: m.message,
     timestamp: m.timestamp,
-    offline,
+    offline: offline && !mine,
   });
-  state.inById.set(m.id, li);
+  if (mine) {
+    setMessageStatus(li, 'accepted');
+    state.outById.set(m.id, li);
+  } else {
+    state.inById.set(m.id, li);
+  }
   appendMessage(li);
-  if (!ui.peer.value.trim() && m.from) {
+  if (!ui.peer.value.trim() && m.from && !mine) {
     ui.peer.value = m.from;
     session.set(PEER_KEY, m.from);
   }

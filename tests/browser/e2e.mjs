@@ -48,6 +48,7 @@ const run = Date.now().toString(36).slice(-6);
 const alice = `alice-${run}`;
 const bob = `bob-${run}`;
 const carol = `carol-${run}`;
+const dave = `dave-${run}`;
 
 let passed = 0;
 let failed = 0;
@@ -278,6 +279,49 @@ async function scenario(browser) {
     assert((await pb.locator('#messages li').count()) === 0, 'no message should be redelivered');
   });
 
+  // ---------------------------------------------------------------- devices
+  // Two browser contexts are two devices of one user (each its own localStorage deviceId).
+  const phone = await newPage(browser, 'dave-phone', { width: 375, height: 740 });
+  let laptop = await newPage(browser, 'dave-laptop', { width: 1100, height: 760 });
+  await check(`${dave} signs in on two devices: a phone on B and a laptop on A`, async () => {
+    await signIn(phone.page, B, dave);
+    await signIn(laptop.page, A, dave);
+    const ids = await Promise.all([phone.page, laptop.page].map((p) => p.evaluate(() => localStorage.getItem('msgbuf.deviceId'))));
+    assert(ids[0] && ids[1] && ids[0] !== ids[1], `two device ids expected, got ${ids}`);
+  });
+
+  const d1 = `for dave while his laptop is closed (${run})`;
+  const d2 = `and a second one (${run})`;
+  const d3 = `dave answers from his phone (${run})`;
+  await check("the laptop is closed; the phone reads what arrives and answers", async () => {
+    await laptop.page.close();
+    await sendMessage(pa, dave, d1);
+    await sendMessage(pa, dave, d2);
+    await msg(phone.page, d1, '[data-direction="in"]').waitFor();
+    await msg(phone.page, d2, '[data-direction="in"]').waitFor();
+    await sendMessage(phone.page, alice, d3);
+    await msg(pa, d3, '[data-direction="in"]').waitFor();
+    // Read (and acked) on the phone: Alice sees ✓✓ before the laptop is back.
+    await msg(pa, d2, '[data-direction="out"][data-status="delivered"]').waitFor();
+  });
+
+  await check('the laptop reopened shows what it missed, and the phone\'s answer as sent', async () => {
+    const page = await laptop.ctx.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`dave-laptop: ${e.message}`));
+    pages['dave-laptop'] = page;
+    laptop = { ctx: laptop.ctx, page };
+    await signIn(page, A, dave);
+    await msg(page, d1, '[data-direction="in"]').waitFor();
+    await msg(page, d2, '[data-direction="in"]').waitFor();
+    await msg(page, d3, '[data-direction="out"]').waitFor();
+    const texts = await page.locator('#messages li .body').allTextContents();
+    assert(
+      JSON.stringify(texts) === JSON.stringify([d1, d2, d3]),
+      `the laptop should show the three once, in order: ${JSON.stringify(texts)}`,
+    );
+  });
+  await sideBySide(browser, 'chat-two-devices.png', { page: phone.page, title: `${dave}'s phone` }, { page: laptop.page, title: `${dave}'s laptop, reopened` });
+
   // ---------------------------------------------------------------- admin
   const { page: pad } = await newPage(browser, 'admin', { width: 1100, height: 900 });
   let u0;
@@ -321,6 +365,16 @@ async function scenario(browser) {
     assert((await row.getAttribute('data-delivered')) === 'false', 'message should be undelivered');
   });
   await shot(pad, 'admin.png');
+  await check(`look-up of ${dave} lists his two devices, neither missing anything`, async () => {
+    await pad.locator('#lookup-user').fill(dave);
+    await pad.locator('#lookup-button').click();
+    await pad.locator(`#devices table[data-user="${dave}"][data-devices="2"]`).waitFor();
+    const pending = await pad.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.pending));
+    assert(JSON.stringify(pending) === '["0","0"]', `devices should have nothing pending: ${pending}`);
+    await pad.locator('#lookup-user').fill(carol);
+    await pad.locator('#lookup-button').click();
+    await pad.locator(`#devices table[data-user="${carol}"][data-devices="0"]`).waitFor();
+  });
 
   await check('clear buffer asks for confirmation, then deletes 1 and "undelivered" goes back', async () => {
     await pad.locator('#clear-button').click();
