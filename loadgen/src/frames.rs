@@ -9,6 +9,16 @@ pub fn join() -> ClientFrame {
     ClientFrame::JoinChat(JoinChat::default())
 }
 
+/// `join_chat` as the device `device` of the token's user.
+pub fn join_device(device: &str) -> anyhow::Result<ClientFrame> {
+    let device_id = msgbuf::DeviceId::parse(device)
+        .ok_or_else(|| anyhow::anyhow!("{}", msgbuf::DeviceId::RULE))?;
+    Ok(ClientFrame::JoinChat(JoinChat {
+        user_id: None,
+        device_id: Some(device_id),
+    }))
+}
+
 /// A `chat_message` whose `clientMsgId` is the sender's sequence number, so the
 /// `message_accepted` names the send it answers.
 pub fn chat(to: &str, chat: &str, text: String, seq: u64) -> ClientFrame {

@@ -49,6 +49,11 @@ pub struct DrainArgs {
     /// each send awaited before the next read), inside the timed drain.
     #[arg(long)]
     pub ack: bool,
+    /// Device catch-up: the user's `phone` device is joined during the fill and receives
+    /// and acks every message live; then its `laptop` device, registered before the fill,
+    /// joins and is timed catching up on the same messages (docs/PROTOCOL.md, "Devices").
+    #[arg(long)]
+    pub catch_up: bool,
 }
 
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
@@ -60,7 +65,8 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let mut report = Report::new(
         "drain",
         json!({"proto": c.proto.to_string(), "messages": args.messages, "senders": n_senders, "window": args.window,
-               "size": c.size, "receiver_url": c.urls[0], "urls": c.urls, "ack": args.ack}),
+               "size": c.size, "receiver_url": c.urls[0], "urls": c.urls, "ack": args.ack,
+               "catch_up": args.catch_up}),
     );
     report.latency_basis = if args.ack {
         "join_chat sent → each chat_message read, each acked before the next read (max = time to the last message)"
@@ -68,7 +74,34 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         "join_chat sent → each chat_message read (max = time to the last message)"
     }
     .into();
+    let (joined_device, phone) = if args.catch_up {
+        let laptop = connector
+            .connect(&c.urls[0], &receiver, None, 8 * 1024)
+            .await?;
+        read_backlog(laptop, 0, args.timeout, false, Some(LAPTOP)).await?;
+        let phone = connector
+            .connect(&c.urls[0], &receiver, None, 64 * 1024)
+            .await?;
+        let expected = args.messages as u64;
+        let timeout = args.timeout;
+        let phone = tokio::spawn(read_backlog(phone, expected, timeout, true, Some(PHONE)));
+        (Some(LAPTOP), Some(phone))
+    } else {
+        (None, None)
+    };
     let fill = fill(&args, &connector, &run, &receiver).await?;
+    if let Some(phone) = phone {
+        // Read and acked on the phone (its close waits until the acks are recorded).
+        let phone = phone.await??;
+        report.extra.insert(
+            "phone".into(),
+            json!({"received": phone.seen.len(), "duplicates": phone.duplicates, "close": phone.close}),
+        );
+        eprintln!(
+            "drain: the phone read and acked {} messages live; the laptop catches up",
+            phone.seen.len()
+        );
+    }
     report.sent = fill.sent;
     for (code, n) in &fill.errors {
         report.errors += n;
@@ -91,7 +124,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     let ws = connector
         .connect(&c.urls[0], &receiver, None, 64 * 1024)
         .await?;
-    let d = read_backlog(ws, report.accepted, args.timeout, args.ack).await?;
+    let d = read_backlog(ws, report.accepted, args.timeout, args.ack, joined_device).await?;
     let drain_ms = (d.last_us - d.t0) as f64 / 1000.0;
     report.received = d.seen.len() as u64;
     report.lost = fill.accepted.difference(&d.seen).count() as u64;
@@ -267,11 +300,16 @@ struct Drained {
 /// Joins and reads until `expected` distinct messages arrived (or `timeout`); with `ack`,
 /// acks each new message before reading on. Then acks whatever is not acked yet and
 /// watches a second for late extras.
+/// The device ids of `--catch-up`.
+const PHONE: &str = "phone";
+const LAPTOP: &str = "laptop";
+
 async fn read_backlog(
     mut ws: WsClient,
     expected: u64,
     timeout: Duration,
     ack: bool,
+    device: Option<&'static str>,
 ) -> anyhow::Result<Drained> {
     let mut d = Drained {
         t0: 0,
@@ -292,7 +330,11 @@ async fn read_backlog(
     let mut last_seq: HashMap<usize, u64> = HashMap::new();
     d.t0 = now_us();
     d.last_us = d.t0;
-    ws.send_frame(&frames::join()).await?;
+    let join = match device {
+        Some(device) => frames::join_device(device)?,
+        None => frames::join(),
+    };
+    ws.send_frame(&join).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     while (d.seen.len() as u64) < expected {
         let Ok(received) = tokio::time::timeout_at(deadline, ws.recv()).await else {
