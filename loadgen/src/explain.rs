@@ -101,3 +101,51 @@ fn stages(d: &Document, out: &mut Vec<String>) {
         }
     }
 }
+
+/// A device's join as MongoDB runs it: its document (floor and acked set), then
+/// `explain` of each catch-up source (`msgbuf::Store::catch_up_filters`), with the
+/// sources' `executionTimeMillis` summed. `None` while the device has acked ids above its
+/// floor (it is not up to date yet: its floor moves once they are older than the skew).
+pub async fn explain_device_join(
+    uri: &str,
+    db: &str,
+    user: &str,
+    device: &str,
+) -> anyhow::Result<Option<Value>> {
+    let client = mongo::connect(uri).await?;
+    let database = client.database(db);
+    let key = doc! {"user": user, "device": device};
+    let Some(state) = database
+        .collection::<Document>(msgbuf::DEVICES)
+        .find_one(key.clone())
+        .await?
+    else {
+        return Ok(None);
+    };
+    let acked = state.get_array("acked").map(Vec::len).unwrap_or(0);
+    if acked > 0 {
+        return Ok(None);
+    }
+    let floor = state.get_object_id("floor")?;
+    let lookup = database
+        .run_command(doc! {
+        "explain": {"find": msgbuf::DEVICES, "filter": key, "limit": 1},
+        "verbosity": "executionStats"})
+        .await?;
+    let mut sources = vec![json!({"source": "device", "explain": summarize(&lookup)})];
+    let filters = msgbuf::Store::catch_up_filters(user, ACK_TIMEOUT, Some((device, floor)));
+    for (filter, index) in filters {
+        let find = database
+            .run_command(doc! {
+            "explain": {"find": MESSAGES, "filter": filter.clone(), "sort": {"_id": 1},
+                        "hint": index},
+            "verbosity": "executionStats"})
+            .await?;
+        sources.push(json!({"source": index, "filter": filter.to_string(), "explain": summarize(&find)}));
+    }
+    let total_ms: i64 = sources
+        .iter()
+        .map(|s| s["explain"]["executionTimeMillis"].as_i64().unwrap_or(0).max(0))
+        .sum();
+    Ok(Some(json!({"floor": floor.to_hex(), "sources": sources, "execution_ms_total": total_ms})))
+}

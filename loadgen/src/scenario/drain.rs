@@ -165,10 +165,42 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
             .insert("acked_while_draining".into(), json!(d.acked));
     }
     report.extra.insert("close".into(), json!(d.close));
+    if let (true, Some(uri)) = (args.catch_up, &args.mongodb_uri) {
+        let join = up_to_date_join(&connector, &c.urls[0], &receiver, uri, &args.db).await?;
+        report.extra.insert("up_to_date_join".into(), join);
+    }
     report
         .extra
         .insert("sender_closes".into(), json!(fill.closes));
     report.finish(c.json.as_deref())
+}
+
+/// The laptop, caught up, rejoins until its floor passed what it acked (each socket end
+/// moves it, once those ids are older than the server's skew window); then its join's
+/// reads are explained.
+async fn up_to_date_join(
+    connector: &Arc<Connector>,
+    url: &str,
+    user: &str,
+    uri: &str,
+    db: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = crate::explain::explain_device_join(uri, db, user, LAPTOP).await? {
+            eprintln!(
+                "drain: an up-to-date device's join: {} ms of MongoDB execution",
+                v["execution_ms_total"]
+            );
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the laptop's floor did not pass its acks within 120 s"
+        );
+        let ws = connector.connect(url, user, None, 8 * 1024).await?;
+        read_backlog(ws, 0, Duration::from_secs(5), false, Some(LAPTOP)).await?;
+    }
 }
 
 /// What the senders buffered for the offline user.
