@@ -141,11 +141,20 @@ pub async fn explain_device_join(
                         "hint": index},
             "verbosity": "executionStats"})
             .await?;
-        sources.push(json!({"source": index, "filter": filter.to_string(), "explain": summarize(&find)}));
+        sources.push(
+            json!({"source": index, "filter": filter.to_string(), "explain": summarize(&find)}),
+        );
     }
     let total_ms: i64 = sources
         .iter()
-        .map(|s| s["explain"]["executionTimeMillis"].as_i64().unwrap_or(0).max(0))
+        .map(|s| {
+            s["explain"]["executionTimeMillis"]
+                .as_i64()
+                .unwrap_or(0)
+                .max(0)
+        })
         .sum();
-    Ok(Some(json!({"floor": floor.to_hex(), "sources": sources, "execution_ms_total": total_ms})))
+    Ok(Some(
+        json!({"floor": floor.to_hex(), "sources": sources, "execution_ms_total": total_ms}),
+    ))
 }
