@@ -48,6 +48,11 @@ pub struct Common {
     /// re-sent after the server's ack timeout).
     #[arg(long)]
     pub no_ack: bool,
+    /// Receiver sockets per receiving user (latency, throughput): with more than one, each
+    /// joins as its own device (`deviceId` d0, d1, …, spread over the URLs), so every
+    /// message reaches every device; with one, a socket without a device as before.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
 }
 
 pub struct Connector {
@@ -91,10 +96,11 @@ impl Connector {
         source: Option<IpAddr>,
         read_buffer: usize,
         timeout: Duration,
+        device: Option<&str>,
     ) -> anyhow::Result<(WsClient, u64)> {
         let fut = async {
             let mut ws = self.connect(url, user, source, read_buffer).await?;
-            let pending = join(&mut ws).await?;
+            let pending = join(&mut ws, device).await?;
             Ok::<_, anyhow::Error>((ws, pending))
         };
         tokio::time::timeout(timeout, fut)
@@ -104,8 +110,12 @@ impl Connector {
 }
 
 /// Sends `join_chat` and waits for `joined` (its `pending`); an `error` fails it.
-pub async fn join(ws: &mut WsClient) -> anyhow::Result<u64> {
-    ws.send_frame(&frames::join()).await?;
+pub async fn join(ws: &mut WsClient, device: Option<&str>) -> anyhow::Result<u64> {
+    let frame = match device {
+        Some(device) => frames::join_device(device)?,
+        None => frames::join(),
+    };
+    ws.send_frame(&frame).await?;
     loop {
         match classify(ws.recv().await) {
             Incoming::Frame(ServerFrame::Joined(j)) => return Ok(j.pending),
@@ -124,11 +134,25 @@ pub async fn connect_all(
     targets: Vec<(String, String)>,
     read_buffer: usize,
 ) -> anyhow::Result<Vec<WsClient>> {
+    let targets = targets
+        .into_iter()
+        .map(|(u, user)| (u, user, None))
+        .collect();
+    connect_all_as(connector, targets, read_buffer).await
+}
+
+/// [`connect_all`], each socket joined as the device given beside it (if any).
+pub async fn connect_all_as(
+    connector: &Arc<Connector>,
+    targets: Vec<(String, String, Option<String>)>,
+    read_buffer: usize,
+) -> anyhow::Result<Vec<WsClient>> {
     let results: Vec<anyhow::Result<WsClient>> = futures::stream::iter(targets)
-        .map(|(url, user)| {
+        .map(|(url, user, device)| {
             let c = connector.clone();
             async move {
-                c.connect_joined(&url, &user, None, read_buffer, Duration::from_secs(30))
+                let timeout = Duration::from_secs(30);
+                c.connect_joined(&url, &user, None, read_buffer, timeout, device.as_deref())
                     .await
                     .map(|(ws, _)| ws)
                     .with_context(|| format!("{user} on {url}"))

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{connect_all, run_id, Common, Connector};
+use crate::conn::{connect_all, connect_all_as, run_id, Common, Connector};
 use crate::frames::{self, classify, code_name, seq_of, Incoming};
 use crate::histogram::{new_hist, LatencyMs};
 use crate::report::Report;
@@ -308,7 +308,9 @@ pub async fn receiver_task(
 
 pub struct PairRun {
     pub senders: Vec<tokio::task::JoinHandle<SenderOut>>,
+    /// `devices` per sender, in sender order.
     pub receivers: Vec<tokio::task::JoinHandle<ReceiverOut>>,
+    pub devices: usize,
     pub counters: Arc<Counters>,
     pub stop_sending: CancellationToken,
     pub stop: CancellationToken,
@@ -324,10 +326,19 @@ pub async fn setup_pairs(
     let connector = Arc::new(Connector::new(common));
     let run = run_id(common);
     let n = common.urls.len();
-    let receivers = connect_all(
+    let devices = common.devices.max(1);
+    let receivers = connect_all_as(
         &connector,
-        (0..pairs)
-            .map(|i| (common.urls[(i + 1) % n].clone(), format!("{run}-r{i}")))
+        (0..pairs * devices)
+            .map(|j| {
+                let (i, k) = (j / devices, j % devices);
+                let device = (devices > 1).then(|| format!("d{k}"));
+                (
+                    common.urls[(i + 1 + k) % n].clone(),
+                    format!("{run}-r{i}"),
+                    device,
+                )
+            })
             .collect(),
         read_buffer,
     )
@@ -355,16 +366,19 @@ pub fn start_pairs(
     let counters = Arc::new(Counters::default());
     let stop_sending = CancellationToken::new();
     let stop = CancellationToken::new();
+    let devices = common.devices.max(1);
     let receivers = receivers
         .into_iter()
         .enumerate()
-        .map(|(i, ws)| {
+        .map(|(j, ws)| {
+            let (i, k) = (j / devices, j % devices);
             tokio::spawn(receiver_task(
                 ws,
                 i,
                 t0_us,
                 (!common.no_ack).then_some(common.ack_interval),
-                permits.get(i).cloned(),
+                // A closed loop's permit comes back once per message: from the first device.
+                permits.get(i).filter(|_| k == 0).cloned(),
                 counters.clone(),
                 stop.clone(),
             ))
@@ -390,6 +404,7 @@ pub fn start_pairs(
     PairRun {
         senders,
         receivers,
+        devices,
         counters,
         stop_sending,
         stop,
@@ -409,7 +424,7 @@ pub async fn finish_pairs(
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         let (sent, accepted, errors, received) = run.counters.get();
-        if accepted + errors >= sent && received >= accepted {
+        if accepted + errors >= sent && received >= accepted * run.devices as u64 {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -441,7 +456,7 @@ pub async fn finish_pairs(
     let mut receipts = 0;
     let mut acked = 0;
     let mut foreign = 0;
-    for (i, (s, r)) in senders.iter().zip(&receivers).enumerate() {
+    for (i, s) in senders.iter().enumerate() {
         report.sent += s.sent;
         report.accepted += s.accepted.len() as u64;
         for (code, n) in &s.errors {
@@ -451,6 +466,15 @@ pub async fn finish_pairs(
         receipts += s.receipts;
         accept_hist.add(&s.accept_hist).ok();
         receipt_hist.add(&s.receipt_hist).ok();
+        if let Some(why) = &s.closed {
+            closed.push(format!("sender {i}: {why}"));
+        }
+    }
+    // Every device of a receiver gets every message: each is checked on its own, and the
+    // rate counts messages (the first device's), not deliveries.
+    for (j, r) in receivers.iter().enumerate() {
+        let (i, k) = (j / run.devices, j % run.devices);
+        let s = &senders[i];
         report.received += r.ids.len() as u64;
         report.lost += s.accepted.difference(&r.ids).count() as u64;
         report.unexpected += r.ids.difference(&s.accepted).count() as u64;
@@ -460,25 +484,25 @@ pub async fn finish_pairs(
         foreign += r.foreign;
         acked += r.acked;
         hist.add(&r.hist).ok();
-        if per_second.len() < r.per_second.len() {
-            per_second.resize(r.per_second.len(), 0);
-        }
-        for (k, n) in r.per_second.iter().enumerate() {
-            per_second[k] += n;
+        if k == 0 {
+            if per_second.len() < r.per_second.len() {
+                per_second.resize(r.per_second.len(), 0);
+            }
+            for (sec, n) in r.per_second.iter().enumerate() {
+                per_second[sec] += n;
+            }
         }
         if max_per_second.len() < r.max_per_second.len() {
             max_per_second.resize(r.max_per_second.len(), 0);
         }
-        for (k, us) in r.max_per_second.iter().enumerate() {
-            max_per_second[k] = max_per_second[k].max(*us);
-        }
-        if let Some(why) = &s.closed {
-            closed.push(format!("sender {i}: {why}"));
+        for (sec, us) in r.max_per_second.iter().enumerate() {
+            max_per_second[sec] = max_per_second[sec].max(*us);
         }
         if let Some(why) = &r.closed {
-            closed.push(format!("receiver {i}: {why}"));
+            closed.push(format!("receiver {i} device {k}: {why}"));
         }
     }
+    report.extra.insert("devices".into(), json!(run.devices));
     report.latency_ms = LatencyMs::of(&hist);
     let (from, to) = window.unwrap_or((0, per_second.len() as u64));
     let in_window: u64 = per_second

@@ -109,7 +109,7 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
                     .map(|ws| (ws, 0))
                 } else {
                     connector
-                        .connect_joined(&url, &user, Some(src), 512, Duration::from_secs(60))
+                        .connect_joined(&url, &user, Some(src), 512, Duration::from_secs(60), None)
                         .await
                 };
                 (r, now_us() - start)
