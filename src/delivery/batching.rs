@@ -166,7 +166,7 @@ impl Recorder {
         }
     }
 
-    /// Records each device's acks of the batch, one write per device; returns each
+    /// Records each device's acks of the batch (one write for all of them); returns each
     /// device's outcome.
     async fn write_device_acks<'a>(
         &mut self,
@@ -181,17 +181,19 @@ impl Recorder {
                     .extend(&job.ids);
             }
         }
-        let store = &self.store;
-        let devices = self.devices;
-        let writes = by_device
+        let by_device: Vec<_> = by_device.into_iter().collect();
+        let statements: Vec<(&str, &str, &[ObjectId])> = by_device
+            .iter()
+            .map(|((user, device), ids)| (*user, device.as_str(), ids.as_slice()))
+            .collect();
+        let results = self
+            .store
+            .record_device_acks(&statements, self.devices)
+            .await;
+        let written = by_device
             .into_iter()
-            .map(|((user, device), ids)| async move {
-                let result = store
-                    .record_device_acks(user, device.as_str(), &ids, devices)
-                    .await;
-                ((user, device), ids.len(), result)
-            });
-        let written = futures::future::join_all(writes).await;
+            .zip(results)
+            .map(|(((user, device), ids), result)| ((user, device), ids.len(), result));
         let mut outcomes = HashMap::new();
         for ((user, device), n, result) in written {
             match &result {

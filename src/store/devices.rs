@@ -12,6 +12,7 @@ use mongodb::options::{Hint, IndexOptions, ReturnDocument};
 use mongodb::IndexModel;
 use serde::{Deserialize, Serialize};
 
+use super::error::is_transient;
 use super::indexes::{DRAIN_INDEX, SENDER_INDEX};
 use super::{Store, StoreError};
 use crate::device::{missed_history, next_floor, registration_floor, skew_cap, DeviceId};
@@ -191,26 +192,40 @@ impl Store {
         }
     }
 
-    /// Records a device's acks (one write per device per record batch). A forgotten
-    /// device records nothing: its next join registers it again.
+    /// Records the acks of a record batch's devices in one `update` command, a statement
+    /// per device, unordered: one round trip and one majority wait however many devices
+    /// acked (a separate write per device held every other write back, BENCHMARKS.md
+    /// "Devices"). Returns each device's outcome, in order. A forgotten device records
+    /// nothing: its next join registers it again.
     pub async fn record_device_acks(
         &self,
-        user: &str,
-        device: &str,
-        ids: &[ObjectId],
+        acks: &[(&str, &str, &[ObjectId])],
         policy: DevicePolicy,
-    ) -> Result<(), StoreError> {
+    ) -> Vec<Result<(), StoreError>> {
+        if acks.is_empty() {
+            return Vec::new();
+        }
         let now = DateTime::now();
-        self.devices
-            .update_one(
-                key(user, device),
-                doc! {
-                    "$push": {"acked": {"$each": ids, "$slice": -MAX_ACKED}},
+        let updates: Vec<Document> = acks
+            .iter()
+            .map(|(user, device, ids)| {
+                doc! {"q": key(user, device), "u": {
+                    "$push": {"acked": {"$each": *ids, "$slice": -MAX_ACKED}},
                     "$set": {"lastSeen": now, "expireAt": policy.expiry(now)},
-                },
-            )
-            .await?;
-        Ok(())
+                }}
+            })
+            .collect();
+        let command = doc! {
+            "update": DEVICES, "updates": updates, "ordered": false,
+            "writeConcern": {"w": "majority"},
+        };
+        // Retried once, as the driver retries a write: a repeated `$push` only repeats
+        // ids in the set, which may repeat.
+        let reply = match self.db.run_command(command.clone()).await {
+            Err(e) if is_transient(&e) => self.db.run_command(command).await,
+            reply => reply,
+        };
+        statement_outcomes(reply, acks.len())
     }
 
     /// Moves a device's floor past what it acknowledged, up to the skew cap, and drops
@@ -344,6 +359,40 @@ impl Store {
     }
 }
 
+/// Each statement's outcome in the reply of an unordered write command: the command's own
+/// failure and a write-concern error count for all, a write error for its statement.
+fn statement_outcomes(
+    reply: Result<Document, mongodb::error::Error>,
+    n: usize,
+) -> Vec<Result<(), StoreError>> {
+    let failed = |message: &str, transient: bool| StoreError::Statement {
+        message: message.to_owned(),
+        transient,
+    };
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => return (0..n).map(|_| Err(StoreError::Mongo(e.clone()))).collect(),
+    };
+    if let Ok(wce) = reply.get_document("writeConcernError") {
+        let message = wce
+            .get_str("errmsg")
+            .unwrap_or("write concern not satisfied");
+        return (0..n).map(|_| Err(failed(message, true))).collect();
+    }
+    let mut out: Vec<Result<(), StoreError>> = (0..n).map(|_| Ok(())).collect();
+    for e in reply.get_array("writeErrors").into_iter().flatten() {
+        let Some(e) = e.as_document() else { continue };
+        let index = e
+            .get_i32("index")
+            .ok()
+            .and_then(|i| usize::try_from(i).ok());
+        if let Some(slot) = index.and_then(|i| out.get_mut(i)) {
+            *slot = Err(failed(e.get_str("errmsg").unwrap_or("write error"), false));
+        }
+    }
+    out
+}
+
 /// Messages to `user` whose `_id` matches `range`, from [`DRAIN_INDEX`] (both `delivered`
 /// values, merged in `_id` order).
 pub(super) fn received_above(user: &str, range: Document) -> Document {
@@ -354,4 +403,33 @@ pub(super) fn received_above(user: &str, range: Document) -> Document {
 /// [`SENDER_INDEX`].
 pub(super) fn sent_above(user: &str, device: &str, range: Document) -> Document {
     doc! {"sender": user, "_id": range, "senderDevice": {"$ne": device}}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_error_fails_its_statement_and_a_write_concern_error_fails_all() {
+        let reply =
+            doc! {"ok": 1, "n": 2, "writeErrors": [{"index": 1, "code": 2, "errmsg": "bad"}]};
+        let out = statement_outcomes(Ok(reply), 3);
+        assert!(out[0].is_ok() && out[2].is_ok());
+        assert!(matches!(
+            &out[1],
+            Err(StoreError::Statement {
+                transient: false,
+                ..
+            })
+        ));
+
+        let reply = doc! {"ok": 1, "n": 3, "writeConcernError": {"code": 64, "errmsg": "timeout"}};
+        let out = statement_outcomes(Ok(reply), 3);
+        assert!(out
+            .iter()
+            .all(|r| r.as_ref().is_err_and(StoreError::is_unavailable)));
+
+        let out = statement_outcomes(Ok(doc! {"ok": 1, "n": 2}), 2);
+        assert!(out.iter().all(Result::is_ok));
+    }
 }

@@ -12,6 +12,10 @@ pub enum StoreError {
     Bson(#[from] mongodb::bson::de::Error),
     #[error("the store is shutting down")]
     ShuttingDown,
+    /// One statement of a multi-statement write failed, or its write concern did
+    /// (`transient`: retry later).
+    #[error("write statement failed: {message}")]
+    Statement { message: String, transient: bool },
     /// A new device would pass the user's device limit.
     #[error("too many devices for this user (limit {0})")]
     TooManyDevices(usize),
@@ -23,6 +27,7 @@ impl StoreError {
         match self {
             StoreError::Mongo(e) => is_transient(e),
             StoreError::Bson(_) | StoreError::TooManyDevices(_) => false,
+            StoreError::Statement { transient, .. } => *transient,
             StoreError::ShuttingDown => true,
         }
     }
@@ -32,6 +37,10 @@ impl StoreError {
         match self {
             StoreError::Mongo(e) => StoreError::Mongo(e.clone()),
             StoreError::TooManyDevices(n) => StoreError::TooManyDevices(*n),
+            StoreError::Statement { message, transient } => StoreError::Statement {
+                message: message.clone(),
+                transient: *transient,
+            },
             _ => StoreError::ShuttingDown,
         }
     }
