@@ -1,5 +1,6 @@
 // msgbuf admin page: buffer statistics (polled every 2 s), delivery latency from
-// /metrics, a 5-minute chart (inline SVG), per-user look-up and buffer clearing.
+// /metrics, a 5-minute chart (inline SVG), per-user look-up (devices and buffered
+// messages) and buffer clearing.
 // Served as /static/admin.js.
 import {
   $, el, api, ApiError, fetchText, isInsecureDev, devToken, session, formatDateTime, formatAge, toDate, showNotice,
@@ -430,11 +431,18 @@ async function lookup(user, after, page) {
   try {
     const qs = new URLSearchParams({ limit: String(PAGE_SIZE) });
     if (after) qs.set('after', after);
-    const data = await api(`/api/messages/buffered/${encodeURIComponent(user)}?${qs}`, { token: state.token });
+    // Independent: a failure of one still shows the other.
+    const [buffered, devices] = await Promise.allSettled([
+      api(`/api/messages/buffered/${encodeURIComponent(user)}?${qs}`, { token: state.token }),
+      api(`/api/users/${encodeURIComponent(user)}/devices`, { token: state.token }),
+    ]);
+    if (devices.status === 'fulfilled') renderDevices(user, (devices.value && devices.value.devices) || []);
+    else ui.devices.replaceChildren();
+    if (buffered.status === 'rejected') throw buffered.reason;
+    const data = buffered.value;
     state.lookup = { user, after, next: data && data.next ? data.next : null, page };
     renderBuffered(user, (data && data.messages) || [], page);
-    const devices = await api(`/api/users/${encodeURIComponent(user)}/devices`, { token: state.token });
-    renderDevices(user, (devices && devices.devices) || []);
+    if (devices.status === 'rejected') throw devices.reason;
   } catch (e) {
     if (authFailed(e)) return;
     showNotice(ui.lookupError, `Look-up failed: ${e.message}`);
@@ -454,7 +462,7 @@ function renderDevices(user, devices) {
       { dataset: { device: d.deviceId || '', pending: String(d.pending ?? '') } },
       el('td', { class: 'mono', text: d.deviceId ?? '' }),
       el('td', { class: 'nowrap', text: formatDateTime(d.firstSeen) }),
-      el('td', { class: 'nowrap', text: formatDateTime(d.lastSeen) }),
+      el('td', { class: 'nowrap', text: lastSeen(d.lastSeen) }),
       el('td', { text: String(d.pending ?? '—') }),
     ),
   );
@@ -466,6 +474,11 @@ function renderDevices(user, devices) {
     el('tbody', {}, rows),
   );
   ui.devices.replaceChildren(table);
+}
+
+function lastSeen(ts) {
+  const d = toDate(ts);
+  return d ? `${formatDateTime(d)} (${formatAge(Date.now() - d.getTime())} ago)` : '—';
 }
 
 function renderBuffered(user, messages, page) {

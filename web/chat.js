@@ -1,8 +1,9 @@
-// msgbuf chat page: sign in, WebSocket connection with automatic reconnect,
+// msgbuf chat page: sign in, WebSocket connection with automatic reconnect, a device id
+// per browser (catch-up, sends from the user's other devices, the missed-history notice),
 // offline-drain marking, receipts (✓ accepted, ✓✓ delivered) and batched acks.
 // Served as /static/chat.js; protocol: JSON text frames {"event": "...", "data": {...}}.
 import {
-  $, el, api, ApiError, isInsecureDev, devToken, jwtClaims, session, formatTime, randomId, showNotice,
+  $, el, api, ApiError, isInsecureDev, devToken, jwtClaims, session, formatTime, randomId, showNotice, toDate,
 } from '/static/common.js';
 
 const TOKEN_KEY = 'msgbuf.token';
@@ -45,6 +46,8 @@ const ui = {
   input: $('#message-input'),
   sendButton: $('#send-button'),
   sendError: $('#send-error'),
+  historyNotice: $('#history-notice'),
+  historyDismiss: $('#history-dismiss'),
 };
 
 const state = {
@@ -178,6 +181,7 @@ function signOut(errorText) {
   ui.messages.replaceChildren();
   updateEmptyHint();
   showNotice(ui.sendError, '');
+  ui.historyNotice.hidden = true;
   showLogin(errorText);
 }
 
@@ -354,9 +358,8 @@ function onJoined(data) {
   state.countdownTimer = null;
   setStatus('connected', 'connected');
   setInstance(data.instance || null);
-  if (data.missedHistory === true) {
-    setStatus('connected', 'connected — away too long: older messages may be missing');
-  }
+  // Stays up until dismissed: a later join that says false does not fill the gap.
+  if (data.missedHistory === true) ui.historyNotice.hidden = false;
   ui.status.dataset.pending = String(state.drainRemaining);
   // Flush what was written while disconnected (and resend unaccepted ones).
   for (const entry of state.byClientId.values()) {
@@ -384,16 +387,27 @@ function onChatMessage(m) {
     timestamp: m.timestamp,
     offline: offline && !mine,
   });
+  stamp(li, m.timestamp);
   if (mine) {
-    setMessageStatus(li, 'accepted');
+    li.dataset.synced = 'true';
+    li.querySelector('.meta').append(' ', el('span', { class: 'badge synced-badge', text: 'from your other device' }));
+    // Receipts go to all of the sender's sockets and may overtake the sync.
+    if (state.earlyReceipts.has(m.id)) {
+      state.earlyReceipts.delete(m.id);
+      setMessageStatus(li, 'delivered');
+    } else {
+      setMessageStatus(li, 'accepted');
+    }
     state.outById.set(m.id, li);
   } else {
     state.inById.set(m.id, li);
   }
   appendMessage(li);
-  if (!ui.peer.value.trim() && m.from && !mine) {
-    ui.peer.value = m.from;
-    session.set(PEER_KEY, m.from);
+  // The conversation to continue is the other party's: for a synced send, its receiver.
+  const other = mine ? m.to : m.from;
+  if (!ui.peer.value.trim() && other) {
+    ui.peer.value = other;
+    session.set(PEER_KEY, other);
   }
 }
 
@@ -411,6 +425,7 @@ function onAccepted(data) {
       t.textContent = formatTime(data.timestamp);
       t.dateTime = String(data.timestamp);
     }
+    stamp(li, data.timestamp);
   }
   if (li.dataset.status === 'pending' || li.dataset.status === 'failed') setMessageStatus(li, 'accepted');
   state.byClientId.delete(data.clientMsgId);
@@ -574,10 +589,32 @@ function setMessageStatus(li, status, detail) {
   if (ticks && t) ticks.title = detail ? `${t.label}: ${detail}` : t.label;
 }
 
+/** Records the server's timestamp of a message (the browser's clock is not comparable). */
+function stamp(li, timestamp) {
+  const d = toDate(timestamp);
+  if (d) li.dataset.ts = String(d.getTime());
+}
+
+/**
+ * Where a message goes: by server timestamp among the stamped ones at the end of the list.
+ * A join's catch-up sends in id order, and ids made on different instances are ordered
+ * only to the second; a local send not yet accepted stays where it was written.
+ */
+function placeBefore(li) {
+  const t = Number(li.dataset.ts);
+  if (!li.dataset.ts || !Number.isFinite(t)) return null;
+  let before = null;
+  for (let node = ui.messages.lastElementChild; node; node = node.previousElementSibling) {
+    if (!node.dataset.ts || Number(node.dataset.ts) <= t) break;
+    before = node;
+  }
+  return before;
+}
+
 function appendMessage(li, forceScroll = false) {
   const list = ui.messages;
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
-  list.append(li);
+  list.insertBefore(li, placeBefore(li));
   updateEmptyHint();
   if (forceScroll || nearBottom) list.scrollTop = list.scrollHeight;
 }
@@ -591,6 +628,10 @@ function updateEmptyHint() {
 ui.loginForm.addEventListener('submit', onLoginSubmit);
 ui.sendForm.addEventListener('submit', onSendSubmit);
 ui.logout.addEventListener('click', () => signOut());
+ui.historyDismiss.addEventListener('click', () => {
+  ui.historyNotice.hidden = true;
+  ui.input.focus();
+});
 ui.input.addEventListener('keydown', (ev) => {
   if (ev.key === 'Enter' && !ev.shiftKey && !ev.isComposing) {
     ev.preventDefault();

@@ -1,13 +1,15 @@
 #!/usr/bin/env node
 // Browser end-to-end test of the msgbuf chat page and admin page.
 //
-//   node tests/browser/e2e.mjs --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B
+//   node tests/browser/e2e.mjs --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B [--c http://127.0.0.1:PORT_C]
 //
 // Expects two server instances (A and B) started with --insecure-dev on the same
-// MongoDB replica set (scripts/browser-test sets that up). Drives Debian's
-// /usr/bin/chromium through playwright-core. Every check waits with Playwright's
-// auto-waiting (locator.waitFor / waitForFunction) and a timeout; there are no
-// fixed sleeps. Screenshots go to artifacts/screenshots/.
+// MongoDB replica set, and optionally a third (C) on a database of its own with a
+// retention of a few seconds, for the missed-history scenario (scripts/browser-test
+// sets all three up). Drives Debian's /usr/bin/chromium through playwright-core.
+// Every check waits for a condition with a deadline (Playwright's auto-waiting,
+// locator.waitFor / waitForFunction, or a re-read of the server's answer); there
+// are no fixed sleeps. Screenshots go to artifacts/screenshots/.
 import { chromium } from 'playwright-core';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
@@ -21,16 +23,17 @@ const { values: opts } = parseArgs({
   options: {
     a: { type: 'string' },
     b: { type: 'string' },
+    c: { type: 'string' },
     screenshots: { type: 'string', default: path.join(repoRoot, 'artifacts', 'screenshots') },
     chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' },
     timeout: { type: 'string', default: process.env.E2E_TIMEOUT_MS || '20000' },
   },
 });
 if (!opts.a || !opts.b) {
-  console.error('usage: node e2e.mjs --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B');
+  console.error('usage: node e2e.mjs --a http://127.0.0.1:PORT_A --b http://127.0.0.1:PORT_B [--c http://127.0.0.1:PORT_C]');
   process.exit(2);
 }
-for (const u of [opts.a, opts.b]) {
+for (const u of [opts.a, opts.b, opts.c].filter(Boolean)) {
   const host = new URL(u).hostname;
   if (!/^127\.\d+\.\d+\.\d+$/.test(host) && host !== 'localhost' && host !== '[::1]') {
     console.error(`refusing non-loopback target ${u}`);
@@ -39,6 +42,7 @@ for (const u of [opts.a, opts.b]) {
 }
 const A = opts.a.replace(/\/+$/, '');
 const B = opts.b.replace(/\/+$/, '');
+const C = opts.c ? opts.c.replace(/\/+$/, '') : null;
 const TIMEOUT = Number(opts.timeout);
 const SHOTS = opts.screenshots;
 mkdirSync(SHOTS, { recursive: true });
@@ -49,6 +53,7 @@ const alice = `alice-${run}`;
 const bob = `bob-${run}`;
 const carol = `carol-${run}`;
 const dave = `dave-${run}`;
+const erin = `erin-${run}`;
 
 let passed = 0;
 let failed = 0;
@@ -136,14 +141,93 @@ async function sideBySide(browser, file, left, right) {
   await ctx.close();
 }
 
-async function newPage(browser, name, viewport) {
+async function newPage(browser, name, viewport, initScript) {
   const ctx = await browser.newContext({ viewport });
   ctx.setDefaultTimeout(TIMEOUT);
+  if (initScript) await ctx.addInitScript(initScript);
+  const page = await openPage(ctx, name);
+  return { ctx, page };
+}
+
+/** A new page (tab) in an existing context: same localStorage, new sessionStorage. */
+async function openPage(ctx, name) {
   const page = await ctx.newPage();
   page.on('pageerror', (e) => pageErrors.push(`${name}: ${e.message}`));
   page.on('console', (m) => consoleLog.push(`[${name}] ${m.type()}: ${m.text()}`));
   pages[name] = page;
-  return { ctx, page };
+  return page;
+}
+
+/**
+ * Init script: records the page's WebSocket frames in window.__e2e and can hold back its
+ * acks, so the test sees what the server sent (not only what the page chose to show).
+ */
+function wsProbe() {
+  const Native = window.WebSocket;
+  const probe = { sockets: [], received: [], acksSent: [], acksDropped: [], dropAcks: false };
+  window.__e2e = probe;
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      probe.sockets.push(this);
+      this.addEventListener('message', (ev) => {
+        try {
+          probe.received.push(JSON.parse(ev.data));
+        } catch {
+          /* not JSON: the page reports it */
+        }
+      });
+    }
+
+    send(data) {
+      let frame = null;
+      try {
+        frame = JSON.parse(data);
+      } catch {
+        /* not ours to judge */
+      }
+      if (frame && frame.event === 'ack') {
+        (probe.dropAcks ? probe.acksDropped : probe.acksSent).push(...frame.data.ids);
+        if (probe.dropAcks) return;
+      }
+      super.send(data);
+    }
+  };
+}
+
+/** The data of the last `joined` the probed page received. */
+function lastJoined(page) {
+  return page.evaluate(() => {
+    const joined = window.__e2e.received.filter((f) => f.event === 'joined');
+    return joined.length ? joined[joined.length - 1].data : null;
+  });
+}
+
+/** The `chat_message` frames with this id the probed page received. */
+function framesOf(page, id) {
+  return page.evaluate((i) => window.__e2e.received.filter((f) => f.event === 'chat_message' && f.data.id === i).map((f) => f.data), id);
+}
+
+/** Re-runs `attempt` (each a server round trip) until it returns true or the step's deadline. */
+async function until(what, attempt) {
+  const deadline = Date.now() + TIMEOUT;
+  while (!(await attempt())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 200)); // polling pace, not a wait for a state
+  }
+}
+
+async function restJson(base, route, { token, body } = {}) {
+  const headers = {};
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body) headers['Content-Type'] = 'application/json';
+  const res = await fetch(`${base}${route}`, { method: body ? 'POST' : 'GET', headers, body: body && JSON.stringify(body) });
+  assert(res.ok, `${route}: HTTP ${res.status}`);
+  return res.json();
+}
+
+function deviceIdOf(page) {
+  return page.evaluate(() => localStorage.getItem('msgbuf.deviceId'));
 }
 
 async function main() {
@@ -281,13 +365,41 @@ async function scenario(browser) {
 
   // ---------------------------------------------------------------- devices
   // Two browser contexts are two devices of one user (each its own localStorage deviceId).
-  const phone = await newPage(browser, 'dave-phone', { width: 375, height: 740 });
-  let laptop = await newPage(browser, 'dave-laptop', { width: 1100, height: 760 });
+  const phone = await newPage(browser, 'dave-phone', { width: 375, height: 740 }, wsProbe);
+  let laptop = await newPage(browser, 'dave-laptop', { width: 1100, height: 760 }, wsProbe);
+  let phoneDevice;
+  let laptopDevice;
   await check(`${dave} signs in on two devices: a phone on B and a laptop on A`, async () => {
     await signIn(phone.page, B, dave);
     await signIn(laptop.page, A, dave);
-    const ids = await Promise.all([phone.page, laptop.page].map((p) => p.evaluate(() => localStorage.getItem('msgbuf.deviceId'))));
-    assert(ids[0] && ids[1] && ids[0] !== ids[1], `two device ids expected, got ${ids}`);
+    [phoneDevice, laptopDevice] = await Promise.all([deviceIdOf(phone.page), deviceIdOf(laptop.page)]);
+    assert(phoneDevice !== laptopDevice, `two device ids expected, got ${phoneDevice} twice`);
+    for (const [page, device] of [[phone.page, phoneDevice], [laptop.page, laptopDevice]]) {
+      assert(/^web-[0-9a-f]{16}$/.test(device || ''), `device id kept in localStorage: ${device}`);
+      const joined = await lastJoined(page);
+      assert(joined && joined.deviceId === device, `joined should echo ${device}: ${JSON.stringify(joined)}`);
+      assert(joined.missedHistory === false, `a new device has missed nothing: ${JSON.stringify(joined)}`);
+      assert(await page.locator('#history-notice').isHidden(), 'no missed-history notice');
+    }
+  });
+
+  const s0 = `dave writes from his laptop (${run})`;
+  await check('a send from the laptop shows on the phone as sent by dave, once on each', async () => {
+    await sendMessage(laptop.page, alice, s0);
+    await msg(pa, s0, '[data-direction="in"]').waitFor();
+    const synced = msg(phone.page, s0, '[data-direction="out"][data-synced="true"]');
+    await synced.waitFor();
+    assert((await synced.locator('.to').textContent()).trim() === alice, 'the synced send is addressed to alice');
+    // Alice's ack: the receipt reaches both of dave's devices.
+    await msg(laptop.page, s0, '[data-direction="out"][data-status="delivered"]').waitFor();
+    await msg(phone.page, s0, '[data-direction="out"][data-status="delivered"]').waitFor();
+    assert((await msg(phone.page, s0).count()) === 1, 'the phone shows the send once');
+    assert((await msg(laptop.page, s0).count()) === 1, 'the laptop shows its send once');
+    const echoed = await laptop.page.evaluate(
+      (text) => window.__e2e.received.some((f) => f.event === 'chat_message' && f.data.message === text),
+      s0,
+    );
+    assert(!echoed, 'the sending socket must not get its own send back');
   });
 
   const d1 = `for dave while his laptop is closed (${run})`;
@@ -305,22 +417,89 @@ async function scenario(browser) {
     await msg(pa, d2, '[data-direction="out"][data-status="delivered"]').waitFor();
   });
 
-  await check('the laptop reopened shows what it missed, and the phone\'s answer as sent', async () => {
-    const page = await laptop.ctx.newPage();
-    page.on('pageerror', (e) => pageErrors.push(`dave-laptop: ${e.message}`));
-    pages['dave-laptop'] = page;
-    laptop = { ctx: laptop.ctx, page };
+  const d4 = `the phone holds back its ack of this one (${run})`;
+  await check('a message sent again to the phone after its socket dropped unacked says redelivery and shows once', async () => {
+    const p = phone.page;
+    await p.evaluate(() => {
+      window.__e2e.dropAcks = true;
+    });
+    await sendMessage(pa, dave, d4);
+    await msg(p, d4, '[data-direction="in"]').waitFor();
+    const id = await msg(p, d4).getAttribute('data-id');
+    await p.waitForFunction((i) => window.__e2e.acksDropped.includes(i), id, { timeout: TIMEOUT });
+    // The socket drops with d4 acknowledged by no device; the page reconnects by itself.
+    await p.evaluate(() => {
+      window.__e2e.dropAcks = false;
+      window.__e2e.sockets[window.__e2e.sockets.length - 1].close();
+    });
+    await p.waitForFunction(
+      (i) => window.__e2e.received.filter((f) => f.event === 'chat_message' && f.data.id === i).length >= 2,
+      id,
+      { timeout: TIMEOUT },
+    );
+    await p.locator('#status[data-state="connected"]').waitFor();
+    await p.waitForFunction((i) => window.__e2e.acksSent.includes(i), id, { timeout: TIMEOUT });
+    const frames = await framesOf(p, id);
+    assert(frames.length === 2 && frames[1].redelivery === true, `one re-send, marked redelivery: ${JSON.stringify(frames)}`);
+    assert((await msg(p, d4).count()) === 1, 'the phone shows d4 once');
+    await msg(pa, d4, '[data-direction="out"][data-status="delivered"]').waitFor();
+  });
+
+  await check('the laptop reopened (same device) shows what it missed, and the phone\'s answer as sent', async () => {
+    laptop = { ctx: laptop.ctx, page: await openPage(laptop.ctx, 'dave-laptop') };
+    const page = laptop.page;
     await signIn(page, A, dave);
-    await msg(page, d1, '[data-direction="in"]').waitFor();
-    await msg(page, d2, '[data-direction="in"]').waitFor();
-    await msg(page, d3, '[data-direction="out"]').waitFor();
+    assert((await deviceIdOf(page)) === laptopDevice, 'the reopened laptop keeps its device id');
+    const joined = await lastJoined(page);
+    assert(joined && joined.deviceId === laptopDevice && joined.missedHistory === false, `joined: ${JSON.stringify(joined)}`);
+    for (const text of [d1, d2, d4]) await msg(page, text, '[data-direction="in"].offline').waitFor();
+    const answer = msg(page, d3, '[data-direction="out"][data-synced="true"]');
+    await answer.waitFor();
+    assert((await answer.locator('.to').textContent()).trim() === alice, 'the answer is shown as sent to alice');
     const texts = await page.locator('#messages li .body').allTextContents();
     assert(
-      JSON.stringify(texts) === JSON.stringify([d1, d2, d3]),
-      `the laptop should show the three once, in order: ${JSON.stringify(texts)}`,
+      JSON.stringify(texts) === JSON.stringify([d1, d2, d3, d4]),
+      `the laptop should show the four once, oldest first: ${JSON.stringify(texts)}`,
     );
+    assert(await page.locator('#history-notice').isHidden(), 'no missed-history notice');
   });
   await sideBySide(browser, 'chat-two-devices.png', { page: phone.page, title: `${dave}'s phone` }, { page: laptop.page, title: `${dave}'s laptop, reopened` });
+
+  // ---------------------------------------------------------------- missed history
+  // Instance C keeps delivered messages for seconds: a device away longer is told so.
+  if (C) {
+    const tablet = await newPage(browser, 'erin-tablet', { width: 800, height: 700 }, wsProbe);
+    let erinDevice;
+    await check(`${erin} signs in on C: no missed-history notice for a new device`, async () => {
+      await signIn(tablet.page, C, erin);
+      erinDevice = await deviceIdOf(tablet.page);
+      const joined = await lastJoined(tablet.page);
+      assert(joined && joined.deviceId === erinDevice && joined.missedHistory === false, `joined: ${JSON.stringify(joined)}`);
+      assert(await tablet.page.locator('#history-notice').isHidden(), 'no missed-history notice');
+    });
+
+    await check('the tablet, away longer than the retention, is told history may be missing', async () => {
+      await tablet.page.close();
+      const { token } = await restJson(C, '/dev/token', { body: { userId: erin, admin: false } });
+      const route = `/api/users/${encodeURIComponent(erin)}/devices`;
+      // Forgotten (no longer listed) once away longer than the retention.
+      await until(`${erin}'s device to be forgotten on C`, async () => (await restJson(C, route, { token })).devices.length === 0);
+      const page = await openPage(tablet.ctx, 'erin-tablet');
+      await signIn(page, C, erin);
+      assert((await deviceIdOf(page)) === erinDevice, 'the reopened tablet keeps its device id');
+      const joined = await lastJoined(page);
+      assert(joined && joined.deviceId === erinDevice && joined.missedHistory === true, `joined: ${JSON.stringify(joined)}`);
+      const notice = page.locator('#history-notice');
+      await notice.waitFor({ state: 'visible' });
+      assert((await notice.textContent()).includes('may be missing'), 'the notice says history may be missing');
+      await shot(page, 'chat-missed-history.png');
+      await page.locator('#history-dismiss').click();
+      await notice.waitFor({ state: 'hidden' });
+      assert((await restJson(C, route, { token })).devices.map((d) => d.deviceId).join() === erinDevice, 'registered again');
+    });
+  } else {
+    console.log('# skipped: missed-history scenario (no --c instance)');
+  }
 
   // ---------------------------------------------------------------- admin
   const { page: pad } = await newPage(browser, 'admin', { width: 1100, height: 900 });
@@ -367,10 +546,22 @@ async function scenario(browser) {
   await shot(pad, 'admin.png');
   await check(`look-up of ${dave} lists his two devices, neither missing anything`, async () => {
     await pad.locator('#lookup-user').fill(dave);
-    await pad.locator('#lookup-button').click();
+    // Acks are recorded shortly after they are sent: look up again until they are.
+    const want = JSON.stringify([laptopDevice, phoneDevice].sort().map((d) => [d, '0']));
+    let got;
+    await until(`devices (id, pending) ${want}`, async () => {
+      await pad.locator('#lookup-button').click();
+      await pad.locator('#lookup-button:enabled').waitFor();
+      await pad.locator(`#devices table[data-user="${dave}"]`).waitFor();
+      got = JSON.stringify(
+        await pad.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => [r.dataset.device, r.dataset.pending])),
+      );
+      return got === want;
+    }).catch((e) => {
+      throw new Error(`${e.message}; last: ${got}`);
+    });
     await pad.locator(`#devices table[data-user="${dave}"][data-devices="2"]`).waitFor();
-    const pending = await pad.locator('#devices tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.pending));
-    assert(JSON.stringify(pending) === '["0","0"]', `devices should have nothing pending: ${pending}`);
+    await shot(pad, 'admin-devices.png');
     await pad.locator('#lookup-user').fill(carol);
     await pad.locator('#lookup-button').click();
     await pad.locator(`#devices table[data-user="${carol}"][data-devices="0"]`).waitFor();
