@@ -48,11 +48,28 @@ pub struct Common {
     /// re-sent after the server's ack timeout).
     #[arg(long)]
     pub no_ack: bool,
-    /// Receiver sockets per receiving user (latency, throughput): with more than one, each
-    /// joins as its own device (`deviceId` d0, d1, …, spread over the URLs), so every
-    /// message reaches every device; with one, a socket without a device as before.
-    #[arg(long, default_value_t = 1)]
+    /// Devices per receiving user (latency, throughput): N ≥ 1 sockets, each joined as its
+    /// own device (`deviceId` d0, d1, …, spread over the URLs), so every message reaches
+    /// every device; 0 (the default): one socket without a device.
+    #[arg(long, default_value_t = 0)]
     pub devices: usize,
+    /// Diagnostics (with `--devices N`): the N sockets per receiver join without a
+    /// `deviceId` (each still gets every live push and acks it), to tell the cost of the
+    /// fan-out from that of the devices' bookkeeping.
+    #[arg(long)]
+    pub plain_sockets: bool,
+}
+
+impl Common {
+    /// Receiver sockets per receiving user.
+    pub fn sockets(&self) -> usize {
+        self.devices.max(1)
+    }
+
+    /// The `deviceId` receiver socket `k` of a user joins as, if any.
+    pub fn device_id(&self, k: usize) -> Option<String> {
+        (self.devices >= 1 && !self.plain_sockets).then(|| format!("d{k}"))
+    }
 }
 
 pub struct Connector {

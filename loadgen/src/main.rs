@@ -4,6 +4,8 @@
 //! - `latency`: open loop at a fixed total rate; send → receive latency (HDR histogram).
 //! - `throughput`: closed loop, a bounded window of undelivered messages per sender.
 //! - `drain`: K messages buffered for an offline user, then the user joins; time to the last.
+//! - `devices`: a user's several devices: catch-up, latency and throughput with 1 and 3
+//!   devices per receiver, the join of an up-to-date device.
 //! - `idle`: C joined connections held open, for the server's memory per connection.
 //! - `floor`: MongoDB alone: insert → change event latency and the insert+notify rate.
 //!
@@ -27,12 +29,12 @@ mod summary;
 
 use clap::{Parser, Subcommand};
 
-use scenario::{drain, floor, idle, latency, throughput};
+use scenario::{devices, drain, floor, idle, latency, throughput};
 
 #[derive(Parser)]
 #[command(
     name = "msgbuf-loadgen",
-    about = "Load generator for msgbuf: latency, throughput, drain, idle, floor"
+    about = "Load generator for msgbuf: latency, throughput, drain, devices, idle, floor"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +49,9 @@ enum Command {
     Throughput(throughput::ThroughputArgs),
     /// K messages buffered for an offline user, then the user joins.
     Drain(drain::DrainArgs),
+    /// A user's devices: catch-up, latency and throughput with 1 and N devices, the join
+    /// of an up-to-date device.
+    Devices(devices::DevicesArgs),
     /// C joined connections held open (server memory per connection).
     Idle(idle::IdleArgs),
     /// MongoDB alone: insert → change-event latency and max insert+notify rate.
@@ -74,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             Command::Latency(a) => latency::latency(a).await,
             Command::Throughput(a) => throughput::throughput(a).await,
             Command::Drain(a) => drain::drain(a).await,
+            Command::Devices(a) => devices::devices(a).await,
             Command::Idle(a) => idle::idle(a).await,
             Command::Floor(a) => floor::floor(a).await,
             Command::Summary(a) => summary::summary(a),

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use mongodb::bson::{doc, Bson, Document};
 use serde_json::{json, Value};
 
 #[derive(Args)]
@@ -56,43 +57,12 @@ pub const MONGO_STATS: &[&str] = &[
 ];
 
 pub async fn mongo_stats(args: MongoStatsArgs) -> anyhow::Result<()> {
-    use mongodb::bson::{doc, Bson, Document};
-    fn num(d: &Document, path: &str) -> Option<f64> {
-        // Keys may contain spaces but not dots: split on '.' only up to the known depth.
-        let mut cur = d;
-        let parts: Vec<&str> = path.split('.').collect();
-        for p in &parts[..parts.len() - 1] {
-            cur = cur.get_document(p).ok()?;
-        }
-        match cur.get(parts[parts.len() - 1])? {
-            Bson::Int32(i) => Some(*i as f64),
-            Bson::Int64(i) => Some(*i as f64),
-            Bson::Double(x) => Some(*x),
-            _ => None,
-        }
-    }
     let client = crate::mongo::connect(&args.mongodb_uri).await?;
-    let status = client
-        .database("admin")
-        .run_command(doc! {"serverStatus": 1})
-        .await?;
-    let mut out = serde_json::Map::new();
-    for path in MONGO_STATS {
-        if let Some(v) = num(&status, path) {
-            out.insert((*path).to_owned(), json!(v));
-        }
-    }
+    let mut out = snapshot(&client).await?;
     if let Some(base) = &args.baseline {
         let base: serde_json::Map<String, Value> =
             serde_json::from_str(&std::fs::read_to_string(base)?)?;
-        for (k, v) in out.iter_mut() {
-            let gauge = k.contains("bytes currently") || k.contains("maximum bytes");
-            if let (Some(now), Some(then)) = (v.as_f64(), base.get(k).and_then(|b| b.as_f64())) {
-                if !gauge {
-                    *v = json!(now - then);
-                }
-            }
-        }
+        out = delta(&out, &base);
     }
     let text = serde_json::to_string_pretty(&out)? + "\n";
     match &args.out {
@@ -100,4 +70,86 @@ pub async fn mongo_stats(args: MongoStatsArgs) -> anyhow::Result<()> {
         None => print!("{text}"),
     }
     Ok(())
+}
+
+fn num(v: &Bson) -> Option<f64> {
+    match v {
+        Bson::Int32(i) => Some(*i as f64),
+        Bson::Int64(i) => Some(*i as f64),
+        Bson::Double(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// The [`MONGO_STATS`] counters of the mongod `client` talks to, now.
+pub async fn snapshot(client: &mongodb::Client) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let status = client
+        .database("admin")
+        .run_command(doc! {"serverStatus": 1})
+        .await?;
+    let mut out = serde_json::Map::new();
+    for path in MONGO_STATS {
+        // Keys may contain spaces but not dots: split on '.' only up to the known depth.
+        let parts: Vec<&str> = path.split('.').collect();
+        let mut cur: Option<&Document> = Some(&status);
+        for p in &parts[..parts.len() - 1] {
+            cur = cur.and_then(|d| d.get_document(p).ok());
+        }
+        if let Some(v) = cur
+            .and_then(|d| d.get(parts[parts.len() - 1]))
+            .and_then(num)
+        {
+            out.insert((*path).to_owned(), json!(v));
+        }
+    }
+    Ok(out)
+}
+
+/// `now` less `base`, counter by counter (gauges kept as they are now).
+pub fn delta(
+    now: &serde_json::Map<String, Value>,
+    base: &serde_json::Map<String, Value>,
+) -> serde_json::Map<String, Value> {
+    let mut out = now.clone();
+    for (k, v) in out.iter_mut() {
+        let gauge = k.contains("bytes currently") || k.contains("maximum bytes");
+        if let (Some(n), Some(then)) = (v.as_f64(), base.get(k).and_then(|b| b.as_f64())) {
+            if !gauge {
+                *v = json!(n - then);
+            }
+        }
+    }
+    out
+}
+
+/// The `top` command's counters of the collections `namespaces` ("db.coll"): per
+/// operation kind, the time mongod spent on it (µs) and how many there were — where its
+/// time went, collection by collection. Keys "<ns> <kind> us" and "<ns> <kind> n".
+pub async fn top(
+    client: &mongodb::Client,
+    namespaces: &[String],
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let top = client
+        .database("admin")
+        .run_command(doc! {"top": 1})
+        .await?;
+    let totals = top.get_document("totals")?;
+    let mut out = serde_json::Map::new();
+    for ns in namespaces {
+        let Ok(coll) = totals.get_document(ns) else {
+            continue;
+        };
+        for kind in [
+            "total", "queries", "getmore", "insert", "update", "commands",
+        ] {
+            let Ok(k) = coll.get_document(kind) else {
+                continue;
+            };
+            let time = k.get("time").and_then(num).unwrap_or(0.0);
+            let count = k.get("count").and_then(num).unwrap_or(0.0);
+            out.insert(format!("{ns} {kind} us"), json!(time));
+            out.insert(format!("{ns} {kind} n"), json!(count));
+        }
+    }
+    Ok(out)
 }

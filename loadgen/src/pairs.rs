@@ -68,10 +68,14 @@ pub struct ReceiverOut {
     pub ids: HashSet<String>,
     pub hist: Histogram<u64>,
     pub duplicates: u64,
+    /// Of the duplicates, those not flagged `redelivery` (a re-send after the ack timeout
+    /// is meant to repeat an id; these are not).
+    pub unflagged_duplicates: u64,
     pub redeliveries: u64,
     pub order_violations: u64,
     pub foreign: u64,
-    /// Unique messages received per second since `t0` (index = second).
+    /// Messages completed per second since `t0` (index = second): received here, by the
+    /// last of the user's sockets to get them (see [`Completion`]).
     pub per_second: Vec<u64>,
     /// The worst send → receive latency (µs) of the messages received in each second: shows
     /// whether a tail is spread out or a few stalls.
@@ -198,6 +202,44 @@ pub async fn sender_task(
     out
 }
 
+/// One pair's messages on their way to every receiver socket of its user. With several
+/// (devices), a message is done when the last socket got it: then its closed-loop window
+/// slot comes back, and it counts in the rate once (messages, not deliveries).
+pub struct Completion {
+    sockets: usize,
+    permits: Option<Arc<Semaphore>>,
+    /// seq → sockets that got it, until all did.
+    seen: std::sync::Mutex<HashMap<u64, usize>>,
+}
+
+impl Completion {
+    pub fn new(sockets: usize, permits: Option<Arc<Semaphore>>) -> Self {
+        Completion {
+            sockets: sockets.max(1),
+            permits,
+            seen: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A socket got message `seq` (its first copy there): whether that completed it.
+    fn got(&self, seq: u64) -> bool {
+        let done = self.sockets == 1 || {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let n = seen.entry(seq).or_default();
+            *n += 1;
+            let done = *n >= self.sockets;
+            if done {
+                seen.remove(&seq);
+            }
+            done
+        };
+        if let (true, Some(p)) = (done, &self.permits) {
+            p.add_permits(1);
+        }
+        done
+    }
+}
+
 async fn acquire(permits: Option<Arc<Semaphore>>) {
     match permits {
         Some(p) => {
@@ -217,7 +259,7 @@ pub async fn receiver_task(
     pair: usize,
     t0_us: u64,
     ack_interval: Option<Duration>,
-    permits: Option<Arc<Semaphore>>,
+    completion: Arc<Completion>,
     counters: Arc<Counters>,
     stop: CancellationToken,
 ) -> ReceiverOut {
@@ -225,6 +267,7 @@ pub async fn receiver_task(
         ids: HashSet::new(),
         hist: new_hist(),
         duplicates: 0,
+        unflagged_duplicates: 0,
         redeliveries: 0,
         order_violations: 0,
         foreign: 0,
@@ -255,6 +298,7 @@ pub async fn receiver_task(
                         }
                         if !out.ids.insert(id.clone()) {
                             out.duplicates += 1;
+                            out.unflagged_duplicates += u64::from(!m.redelivery);
                         } else {
                             counters.received.fetch_add(1, Relaxed);
                             let sec = (now.saturating_sub(t0_us) / 1_000_000) as usize;
@@ -262,7 +306,6 @@ pub async fn receiver_task(
                                 out.per_second.resize(sec + 1, 0);
                                 out.max_per_second.resize(sec + 1, 0);
                             }
-                            out.per_second[sec] += 1;
                             match parse_body(&m.message) {
                                 Some((t, p, n)) if p == pair => {
                                     let us = now.saturating_sub(t).max(1);
@@ -272,8 +315,8 @@ pub async fn receiver_task(
                                         out.order_violations += 1;
                                     }
                                     last_seq = Some(n);
-                                    if let Some(p) = &permits {
-                                        p.add_permits(1);
+                                    if completion.got(n) {
+                                        out.per_second[sec] += 1;
                                     }
                                 }
                                 _ => out.foreign += 1,
@@ -308,9 +351,12 @@ pub async fn receiver_task(
 
 pub struct PairRun {
     pub senders: Vec<tokio::task::JoinHandle<SenderOut>>,
-    /// `devices` per sender, in sender order.
+    /// `sockets` per sender, in sender order.
     pub receivers: Vec<tokio::task::JoinHandle<ReceiverOut>>,
+    /// `--devices` (0: one socket without a device) and the sockets per receiver.
     pub devices: usize,
+    pub sockets: usize,
+    pub plain_sockets: bool,
     pub counters: Arc<Counters>,
     pub stop_sending: CancellationToken,
     pub stop: CancellationToken,
@@ -326,17 +372,16 @@ pub async fn setup_pairs(
     let connector = Arc::new(Connector::new(common));
     let run = run_id(common);
     let n = common.urls.len();
-    let devices = common.devices.max(1);
+    let sockets = common.sockets();
     let receivers = connect_all_as(
         &connector,
-        (0..pairs * devices)
+        (0..pairs * sockets)
             .map(|j| {
-                let (i, k) = (j / devices, j % devices);
-                let device = (devices > 1).then(|| format!("d{k}"));
+                let (i, k) = (j / sockets, j % sockets);
                 (
                     common.urls[(i + 1 + k) % n].clone(),
                     format!("{run}-r{i}"),
-                    device,
+                    common.device_id(k),
                 )
             })
             .collect(),
@@ -366,19 +411,21 @@ pub fn start_pairs(
     let counters = Arc::new(Counters::default());
     let stop_sending = CancellationToken::new();
     let stop = CancellationToken::new();
-    let devices = common.devices.max(1);
+    let sockets = common.sockets();
+    let completions: Vec<Arc<Completion>> = (0..senders.len())
+        .map(|i| Arc::new(Completion::new(sockets, permits.get(i).cloned())))
+        .collect();
     let receivers = receivers
         .into_iter()
         .enumerate()
         .map(|(j, ws)| {
-            let (i, k) = (j / devices, j % devices);
+            let i = j / sockets;
             tokio::spawn(receiver_task(
                 ws,
                 i,
                 t0_us,
                 (!common.no_ack).then_some(common.ack_interval),
-                // A closed loop's permit comes back once per message: from the first device.
-                permits.get(i).filter(|_| k == 0).cloned(),
+                completions[i].clone(),
                 counters.clone(),
                 stop.clone(),
             ))
@@ -404,7 +451,9 @@ pub fn start_pairs(
     PairRun {
         senders,
         receivers,
-        devices,
+        devices: common.devices,
+        sockets,
+        plain_sockets: common.plain_sockets,
         counters,
         stop_sending,
         stop,
@@ -424,7 +473,7 @@ pub async fn finish_pairs(
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         let (sent, accepted, errors, received) = run.counters.get();
-        if accepted + errors >= sent && received >= accepted * run.devices as u64 {
+        if accepted + errors >= sent && received >= accepted * run.sockets as u64 {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -456,6 +505,7 @@ pub async fn finish_pairs(
     let mut receipts = 0;
     let mut acked = 0;
     let mut foreign = 0;
+    let mut unflagged_duplicates = 0;
     for (i, s) in senders.iter().enumerate() {
         report.sent += s.sent;
         report.accepted += s.accepted.len() as u64;
@@ -470,27 +520,26 @@ pub async fn finish_pairs(
             closed.push(format!("sender {i}: {why}"));
         }
     }
-    // Every device of a receiver gets every message: each is checked on its own, and the
-    // rate counts messages (the first device's), not deliveries.
+    // Every socket (device) of a receiver gets every message: each is checked on its own;
+    // the rate counts messages once each got to all of them (not deliveries).
     for (j, r) in receivers.iter().enumerate() {
-        let (i, k) = (j / run.devices, j % run.devices);
+        let (i, k) = (j / run.sockets, j % run.sockets);
         let s = &senders[i];
         report.received += r.ids.len() as u64;
         report.lost += s.accepted.difference(&r.ids).count() as u64;
         report.unexpected += r.ids.difference(&s.accepted).count() as u64;
         report.duplicates += r.duplicates;
+        unflagged_duplicates += r.unflagged_duplicates;
         report.redeliveries += r.redeliveries;
         report.order_violations += r.order_violations;
         foreign += r.foreign;
         acked += r.acked;
         hist.add(&r.hist).ok();
-        if k == 0 {
-            if per_second.len() < r.per_second.len() {
-                per_second.resize(r.per_second.len(), 0);
-            }
-            for (sec, n) in r.per_second.iter().enumerate() {
-                per_second[sec] += n;
-            }
+        if per_second.len() < r.per_second.len() {
+            per_second.resize(r.per_second.len(), 0);
+        }
+        for (sec, n) in r.per_second.iter().enumerate() {
+            per_second[sec] += n;
         }
         if max_per_second.len() < r.max_per_second.len() {
             max_per_second.resize(r.max_per_second.len(), 0);
@@ -503,6 +552,15 @@ pub async fn finish_pairs(
         }
     }
     report.extra.insert("devices".into(), json!(run.devices));
+    report
+        .extra
+        .insert("sockets_per_receiver".into(), json!(run.sockets));
+    report
+        .extra
+        .insert("plain_sockets".into(), json!(run.plain_sockets));
+    report
+        .extra
+        .insert("unflagged_duplicates".into(), json!(unflagged_duplicates));
     report.latency_ms = LatencyMs::of(&hist);
     let (from, to) = window.unwrap_or((0, per_second.len() as u64));
     let in_window: u64 = per_second
@@ -541,4 +599,27 @@ pub async fn finish_pairs(
         .insert("max_latency_ms_per_second".into(), json!(max_ms));
     let _ = t0_us;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_completes_when_the_last_socket_got_it() {
+        let permits = Arc::new(Semaphore::new(0));
+        let c = Completion::new(3, Some(permits.clone()));
+        assert!(!c.got(7));
+        assert!(!c.got(7));
+        assert!(!c.got(8));
+        assert_eq!(
+            permits.available_permits(),
+            0,
+            "no slot back before the third"
+        );
+        assert!(c.got(7));
+        assert_eq!(permits.available_permits(), 1);
+        let single = Completion::new(1, None);
+        assert!(single.got(1), "one socket: every first copy completes");
+    }
 }

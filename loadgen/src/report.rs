@@ -86,8 +86,12 @@ impl Report {
     pub fn finish(mut self, json_path: Option<&Path>) -> anyhow::Result<()> {
         self.loadgen_cpu_s = self_cpu_seconds();
         self.print();
+        self.write_json(json_path)
+    }
+
+    pub fn write_json(&self, json_path: Option<&Path>) -> anyhow::Result<()> {
         if let Some(path) = json_path {
-            std::fs::write(path, serde_json::to_string_pretty(&self)? + "\n")
+            std::fs::write(path, serde_json::to_string_pretty(self)? + "\n")
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())

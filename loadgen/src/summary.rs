@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 #[derive(Args)]
 pub struct SummaryArgs {
-    /// Directory holding floor.json, latency.json, throughput.json, drain.json, idle.json
+    /// Directory holding floor.json, latency.json, throughput.json, drain.json, devices.json, idle.json
     /// (and the *.procs.json files written by scripts/bench).
     pub dir: PathBuf,
 }
@@ -26,7 +26,7 @@ pub fn f(v: &Value, path: &[&str]) -> Option<f64> {
     cur.as_f64()
 }
 
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 13] = [
     "floor",
     "latency",
     "latency.socketio",
@@ -34,6 +34,8 @@ pub const SCENARIOS: [&str; 11] = [
     "throughput.socketio",
     "drain",
     "drain.socketio",
+    "catchup",
+    "devices",
     "idle",
     "idle.socketio",
     "latency-profile",
@@ -347,6 +349,16 @@ pub fn summary(args: SummaryArgs) -> anyhow::Result<()> {
             },
             met: per.map(|b| b <= 12.0 * 1024.0),
         });
+    }
+    if let Some(v) = load(dir, "devices.json") {
+        for t in crate::scenario::devices::targets(&v) {
+            rows.push(Row {
+                scenario: t.label,
+                target: t.target,
+                measured: t.measured,
+                met: t.met,
+            });
+        }
     }
     let mut text = table(&rows);
     let sio = socketio_rows(dir);

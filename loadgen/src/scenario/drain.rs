@@ -54,9 +54,22 @@ pub struct DrainArgs {
     /// joins and is timed catching up on the same messages (docs/PROTOCOL.md, "Devices").
     #[arg(long)]
     pub catch_up: bool,
+    /// The server's `MSGBUF_DEVICE_SKEW` (with `--catch-up --mongodb-uri`): the laptop's
+    /// floor passes what it acked once that is older than this, so its up-to-date join
+    /// is awaited for this long (and a minute more) at most.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub device_skew: Duration,
+    /// Leave the up-to-date join out (the `devices` scenario runs it later).
+    #[arg(skip)]
+    pub defer_up_to_date_join: bool,
 }
 
 pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    run(&args).await?.finish(args.common.json.as_deref())
+}
+
+/// The run, its report not yet printed (the `devices` scenario runs the catch-up).
+pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
     let c = &args.common;
     let connector = Arc::new(Connector::new(c));
     let run = run_id(c);
@@ -89,13 +102,15 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     } else {
         (None, None)
     };
-    let fill = fill(&args, &connector, &run, &receiver).await?;
+    let fill = fill(args, &connector, &run, &receiver).await?;
     if let Some(phone) = phone {
         // Read and acked on the phone (its close waits until the acks are recorded).
         let phone = phone.await??;
         report.extra.insert(
             "phone".into(),
-            json!({"received": phone.seen.len(), "duplicates": phone.duplicates, "close": phone.close}),
+            json!({"received": phone.seen.len(), "lost": fill.accepted.difference(&phone.seen).count(),
+                   "duplicates": phone.duplicates, "unflagged_duplicates": phone.unflagged_duplicates,
+                   "close": phone.close}),
         );
         eprintln!(
             "drain: the phone read and acked {} messages live; the laptop catches up",
@@ -130,6 +145,9 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     report.lost = fill.accepted.difference(&d.seen).count() as u64;
     report.unexpected = d.seen.difference(&fill.accepted).count() as u64;
     report.duplicates = d.duplicates;
+    report
+        .extra
+        .insert("unflagged_duplicates".into(), json!(d.unflagged_duplicates));
     report.redeliveries = d.redeliveries;
     report.order_violations = d.order_violations;
     report.latency_ms = LatencyMs::of(&d.hist);
@@ -165,42 +183,77 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<()> {
             .insert("acked_while_draining".into(), json!(d.acked));
     }
     report.extra.insert("close".into(), json!(d.close));
-    if let (true, Some(uri)) = (args.catch_up, &args.mongodb_uri) {
-        let join = up_to_date_join(&connector, &c.urls[0], &receiver, uri, &args.db).await?;
+    report.extra.insert(
+        "device_skew_s".into(),
+        json!(args.device_skew.as_secs_f64()),
+    );
+    if let (true, false, Some(uri)) = (args.catch_up, args.defer_up_to_date_join, &args.mongodb_uri)
+    {
+        let join = up_to_date_join(c, &receiver, uri, &args.db, args.device_skew).await?;
         report.extra.insert("up_to_date_join".into(), join);
     }
     report
         .extra
         .insert("sender_closes".into(), json!(fill.closes));
-    report.finish(c.json.as_deref())
+    Ok(report)
 }
 
-/// The laptop, caught up, rejoins until its floor passed what it acked (each socket end
-/// moves it, once those ids are older than the server's skew window); then its join's
-/// reads are explained.
-async fn up_to_date_join(
-    connector: &Arc<Connector>,
-    url: &str,
+/// The join of an up-to-date device: the catch-up's laptop (`user`'s device) rejoins and
+/// closes until its document's acked set is empty (each socket end moves its floor past
+/// what it acked, once those ids are older than the server's skew window); then its join's
+/// reads are explained and timed, and one more join through the server runs under the
+/// database profiler.
+pub async fn up_to_date_join(
+    c: &Common,
     user: &str,
     uri: &str,
     db: &str,
+    skew: Duration,
 ) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let connector = Connector::new(c);
+    let url = &c.urls[0];
+    let database = crate::mongo::connect(uri).await?.database(db);
+    let started = Instant::now();
+    let limit = skew + Duration::from_secs(60);
+    let mut rejoins = 0;
     loop {
-        if let Some(v) = crate::explain::explain_device_join(uri, db, user, LAPTOP).await? {
-            eprintln!(
-                "drain: an up-to-date device's join: {} ms of MongoDB execution",
-                v["execution_ms_total"]
-            );
-            return Ok(v);
+        match crate::explain::device_state(&database, user, LAPTOP).await? {
+            Some((_, 0)) => break,
+            Some((_, acked)) => anyhow::ensure!(
+                started.elapsed() < limit,
+                "the laptop still has {acked} acked ids above its floor after {limit:?}"
+            ),
+            None => anyhow::bail!("no device document for {user}/{LAPTOP}"),
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the laptop's floor did not pass its acks within 120 s"
-        );
         let ws = connector.connect(url, user, None, 8 * 1024).await?;
         read_backlog(ws, 0, Duration::from_secs(5), false, Some(LAPTOP)).await?;
+        rejoins += 1;
+        // The floor moves in the background after the close.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let waited_s = started.elapsed().as_secs_f64();
+    let Some(mut v) = crate::explain::explain_device_join(uri, db, user, LAPTOP).await? else {
+        anyhow::bail!("{user}/{LAPTOP} has acked ids above its floor again");
+    };
+    // A real join, as the server runs it: its reads are done when `joined` comes.
+    let profiler = crate::explain::Profiler::start(uri, db).await?;
+    let mut ws = connector.connect(url, user, None, 8 * 1024).await?;
+    let t0 = now_us();
+    let joined = crate::conn::join(&mut ws, Some(LAPTOP)).await;
+    let joined_ms = (now_us() - t0) as f64 / 1000.0;
+    let profiled = profiler.stop(user).await;
+    ws.close().await;
+    let pending = joined?;
+    v["rejoins"] = json!(rejoins);
+    v["waited_s"] = json!(waited_s);
+    v["profiled_join"] = json!({"joined_ms": joined_ms, "pending": pending, "profile": profiled?});
+    eprintln!(
+        "drain: an up-to-date device's join ({rejoins} rejoins, {waited_s:.1} s): explain {} ms, profiler {} ms of MongoDB time, reads timed here {:.0} µs; joined after {joined_ms:.2} ms",
+        v["execution_ms_total"],
+        v["profiled_join"]["profile"]["millis_total"],
+        v["round_trips_us_total"].as_f64().unwrap_or(f64::NAN)
+    );
+    Ok(v)
 }
 
 /// What the senders buffered for the offline user.
@@ -323,6 +376,8 @@ struct Drained {
     hist: Histogram<u64>,
     seen: HashSet<String>,
     duplicates: u64,
+    /// Of the duplicates, those not flagged `redelivery`.
+    unflagged_duplicates: u64,
     redeliveries: u64,
     order_violations: u64,
     acked: u64,
@@ -353,6 +408,7 @@ async fn read_backlog(
         hist: new_hist(),
         seen: HashSet::with_capacity(expected as usize),
         duplicates: 0,
+        unflagged_duplicates: 0,
         redeliveries: 0,
         order_violations: 0,
         acked: 0,
@@ -386,6 +442,7 @@ async fn read_backlog(
                 }
                 if !d.seen.insert(m.id.clone()) {
                     d.duplicates += 1;
+                    d.unflagged_duplicates += u64::from(!m.redelivery);
                     continue;
                 }
                 d.first_us.get_or_insert(now);
@@ -422,7 +479,9 @@ async fn read_backlog(
     while let Ok(received) = tokio::time::timeout_at(settle, ws.recv()).await {
         match classify(received) {
             Incoming::Frame(ServerFrame::ChatMessage(m)) => {
-                d.duplicates += u64::from(!d.seen.insert(m.id));
+                let repeat = !d.seen.insert(m.id);
+                d.duplicates += u64::from(repeat);
+                d.unflagged_duplicates += u64::from(repeat && !m.redelivery);
             }
             Incoming::Closed(_) => break,
             _ => {}

@@ -26,6 +26,11 @@ pub struct LatencyArgs {
 }
 
 pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+    run(&args).await?.finish(args.common.json.as_deref())
+}
+
+/// The run, its report not yet printed (the `devices` scenario runs it several times).
+pub async fn run(args: &LatencyArgs) -> anyhow::Result<Report> {
     let c = &args.common;
     let pairs = (args.users / 2).max(1);
     let mut report = Report::new(
@@ -65,7 +70,6 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     // Throughput of an open loop: what was received over the send phase.
     report.duration_s = args.duration.as_secs_f64();
     // (messages, not deliveries: with several devices each message is received by each.)
-    report.throughput_msgs_per_s =
-        report.received as f64 / c.devices.max(1) as f64 / report.duration_s;
-    report.finish(c.json.as_deref())
+    report.throughput_msgs_per_s = report.received as f64 / c.sockets() as f64 / report.duration_s;
+    Ok(report)
 }

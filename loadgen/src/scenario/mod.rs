@@ -1,5 +1,6 @@
 //! One module per scenario: its arguments and its run.
 
+pub mod devices;
 pub mod drain;
 pub mod floor;
 pub mod idle;

@@ -32,6 +32,13 @@ pub struct ThroughputArgs {
 }
 
 pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
+    run(&args).await?.finish(args.common.json.as_deref())
+}
+
+/// The run, its report not yet printed (the `devices` scenario runs it several times).
+/// With several devices per receiver, a window slot comes back once every device got
+/// the message, and the rate counts messages that reached all of them.
+pub async fn run(args: &ThroughputArgs) -> anyhow::Result<Report> {
     let c = &args.common;
     let pairs = args.senders.max(1);
     let mut report = Report::new(
@@ -71,5 +78,5 @@ pub async fn throughput(args: ThroughputArgs) -> anyhow::Result<()> {
         args.warmup.as_secs() + args.duration.as_secs(),
     );
     finish_pairs(run_state, c.grace, &mut report, Some(window), t0_us).await?;
-    report.finish(c.json.as_deref())
+    Ok(report)
 }
