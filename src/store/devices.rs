@@ -78,6 +78,18 @@ pub struct Catchup {
     pub missed_history: bool,
 }
 
+impl Catchup {
+    /// A device starting at `floor` with nothing acknowledged above it.
+    fn fresh(device: &DeviceId, floor: ObjectId, missed_history: bool) -> Self {
+        Catchup {
+            device: device.clone(),
+            floor,
+            acked: HashSet::new(),
+            missed_history,
+        }
+    }
+}
+
 /// A device as `GET /api/users/{userId}/devices` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -153,7 +165,7 @@ impl Store {
                     doc! {"$set": {"floor": floor, "acked": []}},
                 )
                 .await?;
-            return Ok(self.fresh(device, floor, true));
+            return Ok(Catchup::fresh(device, floor, true));
         }
         let current = self
             .devices
@@ -180,16 +192,7 @@ impl Store {
         let floor = registered
             .and_then(|d| d.get_object_id("floor").ok())
             .unwrap_or(floor);
-        Ok(self.fresh(device, floor, false))
-    }
-
-    fn fresh(&self, device: &DeviceId, floor: ObjectId, missed_history: bool) -> Catchup {
-        Catchup {
-            device: device.clone(),
-            floor,
-            acked: HashSet::new(),
-            missed_history,
-        }
+        Ok(Catchup::fresh(device, floor, false))
     }
 
     /// Records the acks of a record batch's devices in one `update` command, a statement

@@ -88,17 +88,15 @@ impl Store {
         reader: Reader<'_>,
     ) -> Result<(u64, Option<Pending>), StoreError> {
         let skip = skipped(reader);
-        let limits: Vec<i64> = self
-            .filters(reader)
-            .iter()
-            .enumerate()
-            .map(|(i, _)| {
+        let finds = self.finds(reader);
+        // Sources past the first two (a device's, above its floor) also read its acks there.
+        let limits: Vec<i64> = (0..finds.len())
+            .map(|i| {
                 let acked = if i >= 2 { skip.len() as i64 } else { 0 };
                 SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED)
             })
             .collect();
-        let reads = self
-            .finds(reader)
+        let reads = finds
             .into_iter()
             .zip(&limits)
             .map(|(find, limit)| async move {
