@@ -55,19 +55,15 @@ impl std::fmt::Display for DeviceId {
     }
 }
 
-/// The highest floor allowed at `now`: the smallest ObjectId of the second `skew` ago.
+/// The highest floor allowed at `now`: the smallest ObjectId of the second `skew` ago. Also
+/// the floor a device starts from, so that what was accepted just before its first join but
+/// committed after it still reaches it.
 /// A message is accepted within `skew` of its id's time (msgbuf makes the id when the
 /// send arrives, and an accept that took longer is caught up explicitly), so once the
 /// floor is at most this, every message below it is committed and a read sees it.
 pub fn skew_cap(now: DateTime, skew: Duration) -> ObjectId {
     let millis = now.timestamp_millis() - skew.as_millis() as i64;
     oid_at_or_after(millis.max(0) / 1000)
-}
-
-/// The floor of a device registered at `now`: the skew window before it, so that what was
-/// accepted just before its first join but committed after it still reaches it.
-pub fn registration_floor(now: DateTime, skew: Duration) -> ObjectId {
-    skew_cap(now, skew)
 }
 
 /// The smallest ObjectId whose time is `secs` (seconds since the epoch).

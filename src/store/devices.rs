@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::is_transient;
 use super::indexes::{DRAIN_INDEX, SENDER_INDEX};
 use super::{Store, StoreError};
-use crate::device::{missed_history, next_floor, registration_floor, skew_cap, DeviceId};
+use crate::device::{missed_history, next_floor, skew_cap, DeviceId};
 use crate::protocol::rfc3339;
 
 pub const DEVICES: &str = "devices";
@@ -158,7 +158,7 @@ impl Store {
                     missed_history: false,
                 });
             }
-            let floor = registration_floor(now, policy.skew);
+            let floor = skew_cap(now, policy.skew);
             self.devices
                 .update_one(
                     key(user, device.as_str()),
@@ -175,7 +175,7 @@ impl Store {
         if current >= policy.max_per_user as u64 {
             return Err(StoreError::TooManyDevices(policy.max_per_user));
         }
-        let floor = registration_floor(now, policy.skew);
+        let floor = skew_cap(now, policy.skew);
         // Two sockets of a new device may register at once: one inserts, both read it.
         let registered = self
             .devices
