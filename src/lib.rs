@@ -40,5 +40,6 @@ pub use error::{Error, ErrorCode, WireError};
 pub use server::{app, Server};
 pub use state::AppState;
 pub use store::{
-    BufferedMessage, DevicePolicy, Store, CHECKPOINTS, DEVICES, LEASES, MESSAGES, TTL_INDEX,
+    BufferedMessage, CatchUpSource, DeviceBounds, DevicePolicy, Store, CHECKPOINTS, DEVICES,
+    LEASES, MESSAGES, TTL_INDEX,
 };

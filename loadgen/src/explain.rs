@@ -105,13 +105,20 @@ fn stages(d: &Document, out: &mut Vec<String>) {
     }
 }
 
-/// A device's catch-up state as its document holds it: the floor and how many acked ids
-/// lie above it (`None`: no such device).
+/// A device's catch-up state as its document holds it.
+pub struct DeviceState {
+    pub origin: ObjectId,
+    pub floor: ObjectId,
+    /// How many acked ids lie above the floor.
+    pub acked: usize,
+}
+
+/// The device's state (`None`: no such device).
 pub async fn device_state(
     database: &Database,
     user: &str,
     device: &str,
-) -> anyhow::Result<Option<(ObjectId, usize)>> {
+) -> anyhow::Result<Option<DeviceState>> {
     let Some(state) = database
         .collection::<Document>(msgbuf::DEVICES)
         .find_one(doc! {"user": user, "device": device})
@@ -120,7 +127,13 @@ pub async fn device_state(
         return Ok(None);
     };
     let acked = state.get_array("acked").map(Vec::len).unwrap_or(0);
-    Ok(Some((state.get_object_id("floor")?, acked)))
+    let floor = state.get_object_id("floor")?;
+    let origin = state.get_object_id("origin").unwrap_or(floor);
+    Ok(Some(DeviceState {
+        origin,
+        floor,
+        acked,
+    }))
 }
 
 /// What a join reads per catch-up source at most when the backlog is small and the
@@ -131,7 +144,7 @@ const ROUND_TRIPS: usize = 21;
 
 /// A device's join as MongoDB runs it, once the device is up to date (its acked set is
 /// empty): `explain` (executionStats) of the `findAndModify` of its document and of each
-/// catch-up source (`msgbuf::Store::catch_up_filters`), their `executionTimeMillis`
+/// catch-up source (`msgbuf::Store::catch_up_sources`), their `executionTimeMillis`
 /// summed; and the same reads timed from here (majority read concern as msgbuf reads,
 /// loopback round trips in µs: an upper bound of MongoDB's time below the explain's
 /// millisecond resolution). `None` while the device has acked ids above its floor.
@@ -144,7 +157,12 @@ pub async fn explain_device_join(
     let client = mongo::connect(uri).await?;
     let database = client.database(db);
     let key = doc! {"user": user, "device": device};
-    let Some((floor, 0)) = device_state(&database, user, device).await? else {
+    let Some(DeviceState {
+        origin,
+        floor,
+        acked: 0,
+    }) = device_state(&database, user, device).await?
+    else {
         return Ok(None);
     };
     // The join's update of its document (lastSeen, expireAt), explained: not written.
@@ -167,7 +185,16 @@ pub async fn explain_device_join(
     .await?;
     let mut sources = vec![json!({"source": "device", "index": "user_1_device_1",
         "filter": key.to_string(), "explain": summarize(&lookup), "round_trip_us": device_rt})];
-    let filters = msgbuf::Store::catch_up_filters(user, ACK_TIMEOUT, Some((device, floor)));
+    let bounds = msgbuf::DeviceBounds {
+        device,
+        origin,
+        floor,
+    };
+    let filters: Vec<(Document, &str)> =
+        msgbuf::Store::catch_up_sources(user, ACK_TIMEOUT, Some(bounds))
+            .into_iter()
+            .map(|s| (s.filter, s.index))
+            .collect();
     for (filter, index) in &filters {
         let find = database
             .run_command(doc! {
@@ -179,7 +206,7 @@ pub async fn explain_device_join(
         sources.push(json!({"source": source_name(filter), "index": index,
             "filter": filter.to_string(), "explain": summarize(&find), "round_trip_us": rt}));
     }
-    // The join reads the four sources at once, after its document.
+    // The join reads its sources at once, after its document.
     let together_us = median_us(ROUND_TRIPS, || async {
         futures::future::try_join_all(filters.iter().map(|(f, i)| read(&messages, f, i)))
             .await
@@ -198,6 +225,7 @@ pub async fn explain_device_join(
         .sum();
     Ok(Some(json!({
         "floor": floor.to_hex(),
+        "origin": origin.to_hex(),
         "sources": sources,
         "execution_ms_total": sum("executionTimeMillis"),
         "keys_examined_total": sum("totalKeysExamined"),
@@ -219,8 +247,8 @@ fn source_name(filter: &Document) -> &'static str {
     ) {
         (true, _, _) => "sent from elsewhere, above the floor",
         (false, true, _) => "received above the floor",
-        (false, false, true) => "overdue at or below the floor",
-        (false, false, false) => "undelivered at or below the floor",
+        (false, false, true) => "overdue at or below the origin",
+        (false, false, false) => "undelivered at or below the origin",
     }
 }
 

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::device_acks::DeviceAcks;
 use super::records::{plan_claims, remaining_acks, AckJob, Claim, ClaimGroup};
 use crate::device::DeviceId;
 use crate::metrics::Metrics;
@@ -34,11 +35,12 @@ pub struct InsertJob {
 pub enum Record {
     Claim(Claim),
     Ack(AckJob),
-    /// A device's socket ended: move its floor past what it acknowledged (after the acks
-    /// queued before this, which the loop writes first).
+    /// A device's socket ended: write its held acks (and those queued before this), answer
+    /// `written`, then move its floor past them.
     DeviceLeft {
         user: String,
         device: DeviceId,
+        written: oneshot::Sender<()>,
     },
 }
 
@@ -76,6 +78,7 @@ pub fn spawn_record_loop(
         instance: instance.clone(),
         metrics: metrics.clone(),
         devices,
+        device_acks: DeviceAcks::default(),
         acks_since_floor_move: HashMap::new(),
         tracker: tracker.clone(),
         cancel: cancel.clone(),
@@ -116,6 +119,8 @@ struct Recorder {
     instance: Arc<str>,
     metrics: Arc<Metrics>,
     devices: DevicePolicy,
+    /// Device acks not written yet.
+    device_acks: DeviceAcks,
     /// Per device with a socket here, its acks recorded since its floor last moved.
     acks_since_floor_move: HashMap<(String, DeviceId), usize>,
     /// Floor moves run beside the loop, on the instance's tracker.
@@ -127,7 +132,16 @@ impl Recorder {
     async fn run(mut self, mut rx: mpsc::Receiver<Record>) {
         let mut closed = false;
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
-        while let Some(first) = next_job(&mut rx, &self.cancel, &mut closed).await {
+        loop {
+            let due = self.device_acks.due();
+            let first = tokio::select! {
+                first = next_job(&mut rx, &self.cancel, &mut closed) => first,
+                _ = sleep_until(due), if due.is_some() => {
+                    self.write_device_acks().await;
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
             batch.push(first);
             linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
             let (claims, acks, left) = split(batch.drain(..));
@@ -140,81 +154,62 @@ impl Recorder {
                 done.extend(self.write_claims(group).await);
             }
             let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
-            let devices = self.write_device_acks(&acks).await;
-            let replies: Vec<Result<(), StoreError>> = acks
-                .iter()
-                .map(|job| {
-                    let device = job
-                        .device
-                        .as_ref()
-                        .and_then(|d| devices.get(&(job.user.as_str(), d)));
-                    match (&result, device) {
-                        (Err(e), _) | (Ok(_), Some(Err(e))) => Err(e.duplicate()),
-                        _ => Ok(()),
-                    }
-                })
-                .collect();
-            drop(devices);
-            for (job, reply) in acks.into_iter().zip(replies) {
-                let _ = job.reply.send(reply);
+            let now = Instant::now();
+            for job in &acks {
+                if let Some(device) = &job.device {
+                    self.device_acks.add(&job.user, device, &job.ids, now);
+                }
             }
-            for (user, device) in left {
+            for job in acks {
+                let _ = job
+                    .reply
+                    .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));
+            }
+            if !left.is_empty() || self.device_acks.is_due(now) {
+                self.write_device_acks().await;
+            }
+            for (user, device, written) in left {
                 self.acks_since_floor_move
                     .remove(&(user.clone(), device.clone()));
                 self.move_floor(user, device);
+                let _ = written.send(());
             }
         }
+        // Shutdown: what is held is written before the loop ends.
+        self.write_device_acks().await;
     }
 
-    /// Records each device's acks of the batch (one write for all of them); returns each
-    /// device's outcome.
-    async fn write_device_acks<'a>(
-        &mut self,
-        acks: &'a [AckJob],
-    ) -> HashMap<(&'a str, &'a DeviceId), Result<(), StoreError>> {
-        let mut by_device: HashMap<(&str, &DeviceId), Vec<ObjectId>> = HashMap::new();
-        for job in acks {
-            if let Some(device) = &job.device {
-                by_device
-                    .entry((job.user.as_str(), device))
-                    .or_default()
-                    .extend(&job.ids);
-            }
+    /// Writes the device acks held back (one statement per device, one command for all),
+    /// and moves the floor of each device that reached [`ACKS_PER_FLOOR_MOVE`].
+    async fn write_device_acks(&mut self) {
+        if self.device_acks.is_empty() {
+            return;
         }
-        let by_device: Vec<_> = by_device.into_iter().collect();
-        let statements: Vec<(&str, &str, &[ObjectId])> = by_device
+        let held = self.device_acks.take();
+        let statements: Vec<(&str, &str, &[ObjectId])> = held
             .iter()
-            .map(|((user, device), ids)| (*user, device.as_str(), ids.as_slice()))
+            .map(|((user, device), ids)| (user.as_str(), device.as_str(), ids.as_slice()))
             .collect();
         let results = self
             .store
             .record_device_acks(&statements, self.devices)
             .await;
-        let written = by_device
-            .into_iter()
-            .zip(results)
-            .map(|(((user, device), ids), result)| ((user, device), ids.len(), result));
-        let mut outcomes = HashMap::new();
-        for ((user, device), n, result) in written {
-            match &result {
-                Ok(()) => {
-                    let since = self
-                        .acks_since_floor_move
-                        .entry((user.to_owned(), device.clone()))
-                        .or_default();
-                    *since += n;
-                    if *since >= ACKS_PER_FLOOR_MOVE {
-                        *since = 0;
-                        self.move_floor(user.to_owned(), device.clone());
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, user, device = %device, "device acks not recorded")
-                }
+        for (((user, device), ids), result) in held.into_iter().zip(results) {
+            if let Err(e) = result {
+                // Not retried: the device gets those messages again on its next join.
+                tracing::warn!(error = %e, user, device = %device, "device acks not recorded");
+                continue;
             }
-            outcomes.insert((user, device), result);
+            let since = self
+                .acks_since_floor_move
+                .entry((user.clone(), device.clone()))
+                .or_default();
+            *since += ids.len();
+            if *since >= ACKS_PER_FLOOR_MOVE {
+                *since = 0;
+                self.move_floor(user, device);
+            }
         }
-        outcomes
     }
 
     /// Moves a device's floor in the background: it only bounds the device's state, and
@@ -308,7 +303,7 @@ impl Recorder {
     }
 }
 
-type Left = Vec<(String, DeviceId)>;
+type Left = Vec<(String, DeviceId, oneshot::Sender<()>)>;
 
 fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>, Left) {
     let mut claims = Vec::new();
@@ -318,7 +313,11 @@ fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>, Lef
         match record {
             Record::Claim(claim) => claims.push(claim),
             Record::Ack(job) => acks.push(job),
-            Record::DeviceLeft { user, device } => left.push((user, device)),
+            Record::DeviceLeft {
+                user,
+                device,
+                written,
+            } => left.push((user, device, written)),
         }
     }
     (claims, acks, left)
@@ -340,6 +339,14 @@ async fn next_job<T>(
             }
             job = rx.recv() => return job,
         }
+    }
+}
+
+/// Sleeps until `at` (forever when `None`; callers guard on it).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,6 +11,7 @@
 //! ([`records`]).
 
 mod batching;
+mod device_acks;
 mod recent;
 mod records;
 
@@ -174,7 +175,8 @@ impl Delivery {
     }
 
     /// Records `user`'s acks (batched with other sockets' acks and with claims), and,
-    /// from a device's socket, that device's receipt of them.
+    /// from a device's socket, that device's receipt of them (held back up to
+    /// [`device_acks::DEVICE_ACK_LINGER`]; returns once the messages' acks are written).
     pub async fn ack(
         &self,
         user: String,
@@ -195,10 +197,20 @@ impl Delivery {
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    /// A device's socket ended: once its acks are written, its floor moves past them.
+    /// A device's socket ended: its acks (held back to be batched) are written, then its
+    /// floor moves past them. Returns once they are written.
     pub async fn device_left(&self, user: String, device: DeviceId) {
-        // Queued behind the socket's acks; lost only at shutdown, and a later move makes it.
-        let _ = self.records.send(Record::DeviceLeft { user, device }).await;
+        let (written, rx) = oneshot::channel();
+        let left = Record::DeviceLeft {
+            user,
+            device,
+            written,
+        };
+        // Lost only at shutdown, when the loop writes what it holds anyway, and a later
+        // move of the floor makes this one.
+        if self.records.send(left).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// An insert seen on the change stream: push it to the receiver's sockets here (then

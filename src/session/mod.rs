@@ -241,15 +241,19 @@ impl Session {
     /// must not get those messages again), within [`ACK_FLUSH`]; then a device's floor
     /// moves past them.
     async fn finish(&mut self) {
+        let deadline = tokio::time::Instant::now() + ACK_FLUSH;
         let writes = &mut self.ack_writes;
         let flushed =
-            tokio::time::timeout(ACK_FLUSH, async { while writes.next().await.is_some() {} });
+            tokio::time::timeout_at(deadline, async { while writes.next().await.is_some() {} });
         if flushed.await.is_err() {
             tracing::debug!("acks still unrecorded when the socket ended");
         }
         if let Some(device) = self.device.take() {
             let user = self.claims.sub.clone();
-            self.state.delivery.device_left(user, device).await;
+            let left = self.state.delivery.device_left(user, device);
+            if tokio::time::timeout_at(deadline, left).await.is_err() {
+                tracing::debug!("device acks still unrecorded when the socket ended");
+            }
         }
     }
 

@@ -61,6 +61,10 @@ struct DeviceDoc {
     last_seen: DateTime,
     /// Every message of the user at or below this id is done for the device.
     floor: ObjectId,
+    /// The floor it was registered with (or started over from). Missing in documents
+    /// written before it was kept: the floor stands in (reads a wider range, same result).
+    #[serde(default)]
+    origin: Option<ObjectId>,
     /// Ids above the floor that the device acknowledged (unsorted; may repeat).
     #[serde(default)]
     acked: Vec<ObjectId>,
@@ -73,6 +77,10 @@ struct DeviceDoc {
 pub struct Catchup {
     pub device: DeviceId,
     pub floor: ObjectId,
+    /// The floor it started from. Between it and the floor, every message was acknowledged
+    /// by this device (the floor only passes those), so the only messages below the floor a
+    /// join still sends — undelivered, or overdue for an ack — are below this.
+    pub origin: ObjectId,
     pub acked: HashSet<ObjectId>,
     /// Away longer than the retention: what it missed may be gone; its state starts over.
     pub missed_history: bool,
@@ -84,8 +92,29 @@ impl Catchup {
         Catchup {
             device: device.clone(),
             floor,
+            origin: floor,
             acked: HashSet::new(),
             missed_history,
+        }
+    }
+}
+
+/// Where a device's catch-up stands ([`Catchup`]'s ids): what a join's reads are bounded by.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBounds<'a> {
+    pub device: &'a str,
+    /// The floor it started from: below it, what is undelivered or overdue is sent.
+    pub origin: ObjectId,
+    /// Above it, everything it has not acknowledged is sent.
+    pub floor: ObjectId,
+}
+
+impl Catchup {
+    pub fn bounds(&self) -> DeviceBounds<'_> {
+        DeviceBounds {
+            device: self.device.as_str(),
+            origin: self.origin,
+            floor: self.floor,
         }
     }
 }
@@ -154,6 +183,7 @@ impl Store {
                 return Ok(Catchup {
                     device: device.clone(),
                     floor: before.floor,
+                    origin: before.origin.unwrap_or(before.floor).min(before.floor),
                     acked: before.acked.into_iter().collect(),
                     missed_history: false,
                 });
@@ -162,7 +192,7 @@ impl Store {
             self.devices
                 .update_one(
                     key(user, device.as_str()),
-                    doc! {"$set": {"floor": floor, "acked": []}},
+                    doc! {"$set": {"floor": floor, "origin": floor, "acked": []}},
                 )
                 .await?;
             return Ok(Catchup::fresh(device, floor, true));
@@ -183,7 +213,7 @@ impl Store {
                 key(user, device.as_str()),
                 doc! {
                     "$set": {"lastSeen": now, "expireAt": policy.expiry(now)},
-                    "$setOnInsert": {"firstSeen": now, "floor": floor, "acked": []},
+                    "$setOnInsert": {"firstSeen": now, "floor": floor, "origin": floor, "acked": []},
                 },
             )
             .upsert(true)
@@ -324,7 +354,7 @@ impl Store {
     }
 
     /// Messages above the device's floor it did not acknowledge, and the undelivered
-    /// ones below it (what its next join sends, the overdue re-sends aside).
+    /// ones below its origin (what its next join sends, the overdue re-sends aside).
     async fn not_received(&self, user: &str, d: &DeviceDoc) -> Result<u64, StoreError> {
         let not_acked = doc! {"$gt": d.floor, "$nin": &d.acked};
         let count = |filter: Document, index: &str| {
@@ -337,7 +367,7 @@ impl Store {
             count(received_above(user, not_acked.clone()), DRAIN_INDEX),
             count(sent_above(user, &d.device, not_acked), SENDER_INDEX),
             count(
-                doc! {"receiver": user, "delivered": false, "_id": {"$lte": d.floor}},
+                doc! {"receiver": user, "delivered": false, "_id": {"$lte": d.origin.unwrap_or(d.floor).min(d.floor)}},
                 DRAIN_INDEX
             ),
         )?;

@@ -27,11 +27,11 @@ use mongodb::options::{CollectionOptions, ReadConcern, WriteConcern};
 use mongodb::{Collection, Database};
 
 pub use changes::{is_history_lost, MessageChanges};
-pub use devices::{Catchup, DevicePolicy, DEVICES};
+pub use devices::{Catchup, DeviceBounds, DevicePolicy, DEVICES};
 pub use error::StoreError;
 pub use indexes::TTL_INDEX;
 pub use message::{overdue_cutoff, BufferedMessage};
-pub use pending::{Pending, Reader};
+pub use pending::{CatchUpSource, Pending, Reader};
 pub use reads::Receivers;
 
 pub const MESSAGES: &str = "buffered_messages";

@@ -12,7 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::options::Hint;
 
-use super::devices::{received_above, sent_above};
+use super::devices::{received_above, sent_above, DeviceBounds};
 use super::indexes::{unacked_filter, DRAIN_INDEX, SENDER_INDEX, UNACKED_INDEX};
 use super::message::overdue_cutoff;
 use super::{BufferedMessage, Catchup, Store, StoreError};
@@ -38,6 +38,33 @@ pub(super) fn overdue_of(receiver: Bson, ack_timeout: Duration) -> Document {
     filter
 }
 
+/// One source of a join: a filter, and the index that answers it in `_id` order.
+#[derive(Debug, Clone)]
+pub struct CatchUpSource {
+    pub filter: Document,
+    pub index: &'static str,
+    /// Above a device's floor: also reads what the device acknowledged there (skipped).
+    pub above_floor: bool,
+}
+
+impl CatchUpSource {
+    fn below(filter: Document, index: &'static str) -> Self {
+        CatchUpSource {
+            filter,
+            index,
+            above_floor: false,
+        }
+    }
+
+    fn above(filter: Document, index: &'static str) -> Self {
+        CatchUpSource {
+            filter,
+            index,
+            above_floor: true,
+        }
+    }
+}
+
 /// Whose messages a join reads: the user's, and for a device's join its catch-up state.
 #[derive(Debug, Clone, Copy)]
 pub struct Reader<'a> {
@@ -56,26 +83,37 @@ impl Store {
 
     /// What a join reads, source by source, with the index that answers each in `_id`
     /// order (no in-memory sort of a large backlog). An ephemeral socket: undelivered
-    /// (from [`DRAIN_INDEX`]) and delivered-but-overdue (from [`UNACKED_INDEX`]). A device
-    /// (`Some((deviceId, floor))`): those two at or below its floor, and above it everything
-    /// it was sent (both `delivered` values of [`DRAIN_INDEX`]) and what its user sent
-    /// from elsewhere ([`SENDER_INDEX`]): each a bounded range of an index.
-    pub fn catch_up_filters(
+    /// (from [`DRAIN_INDEX`]) and delivered-but-overdue (from [`UNACKED_INDEX`]). A device:
+    /// what is undelivered at or below its origin (above it, up to the floor, it
+    /// acknowledged everything), and above its floor everything it was sent (both
+    /// `delivered` values of [`DRAIN_INDEX`]) and what its user sent from elsewhere
+    /// ([`SENDER_INDEX`]): each a bounded range of an index. Overdue messages below its
+    /// origin (older than the device, pushed to another socket, never acknowledged) reach
+    /// it by the redelivery sweep instead: reading them at every join would walk the
+    /// unacked index's entries that the user's acks deleted, which a scan still steps
+    /// over until the storage engine drops them, minutes later (4 ms after 10,000 acks).
+    pub fn catch_up_sources(
         user: &str,
         ack_timeout: Duration,
-        device: Option<(&str, ObjectId)>,
-    ) -> Vec<(Document, &'static str)> {
-        let [mut undelivered, mut overdue] = drain_filters(user, ack_timeout);
-        let Some((device, floor)) = device else {
-            return vec![(undelivered, DRAIN_INDEX), (overdue, UNACKED_INDEX)];
+        device: Option<DeviceBounds<'_>>,
+    ) -> Vec<CatchUpSource> {
+        let [mut undelivered, overdue] = drain_filters(user, ack_timeout);
+        let Some(DeviceBounds {
+            device,
+            origin,
+            floor,
+        }) = device
+        else {
+            return vec![
+                CatchUpSource::below(undelivered, DRAIN_INDEX),
+                CatchUpSource::below(overdue, UNACKED_INDEX),
+            ];
         };
-        undelivered.insert("_id", doc! {"$lte": floor});
-        overdue.insert("_id", doc! {"$lte": floor});
+        undelivered.insert("_id", doc! {"$lte": origin.min(floor)});
         vec![
-            (undelivered, DRAIN_INDEX),
-            (overdue, UNACKED_INDEX),
-            (received_above(user, doc! {"$gt": floor}), DRAIN_INDEX),
-            (sent_above(user, device, doc! {"$gt": floor}), SENDER_INDEX),
+            CatchUpSource::below(undelivered, DRAIN_INDEX),
+            CatchUpSource::above(received_above(user, doc! {"$gt": floor}), DRAIN_INDEX),
+            CatchUpSource::above(sent_above(user, device, doc! {"$gt": floor}), SENDER_INDEX),
         ]
     }
 
@@ -88,14 +126,16 @@ impl Store {
         reader: Reader<'_>,
     ) -> Result<(u64, Option<Pending>), StoreError> {
         let skip = skipped(reader);
-        let finds = self.finds(reader);
-        // Sources past the first two (a device's, above its floor) also read its acks there.
-        let limits: Vec<i64> = (0..finds.len())
-            .map(|i| {
-                let acked = if i >= 2 { skip.len() as i64 } else { 0 };
-                SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED)
+        // A device's sources above its floor also read its acks there.
+        let limits: Vec<i64> = self
+            .sources(reader)
+            .iter()
+            .map(|source| {
+                let acked = if source.above_floor { skip.len() } else { 0 };
+                SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED as usize) as i64
             })
             .collect();
+        let finds = self.finds(reader);
         let reads = finds
             .into_iter()
             .zip(&limits)
@@ -126,10 +166,10 @@ impl Store {
     /// acknowledged): each source counted apart, from its own index (an `$or` count is
     /// planned per call and may pick a plan that reads the user's whole history).
     async fn count_pending(&self, reader: Reader<'_>) -> Result<u64, StoreError> {
-        let counts = self.filters(reader).into_iter().map(|(filter, index)| {
+        let counts = self.sources(reader).into_iter().map(|source| {
             self.raw
-                .count_documents(filter)
-                .hint(Hint::Name(index.into()))
+                .count_documents(source.filter)
+                .hint(Hint::Name(source.index.into()))
                 .into_future()
         });
         Ok(futures::future::try_join_all(counts).await?.iter().sum())
@@ -151,16 +191,16 @@ impl Store {
         }))))
     }
 
-    fn filters(&self, reader: Reader<'_>) -> Vec<(Document, &'static str)> {
-        let device = reader.device.map(|d| (d.device.as_str(), d.floor));
-        Self::catch_up_filters(reader.user, reader.ack_timeout, device)
+    fn sources(&self, reader: Reader<'_>) -> Vec<CatchUpSource> {
+        let device = reader.device.map(Catchup::bounds);
+        Self::catch_up_sources(reader.user, reader.ack_timeout, device)
     }
 
     /// The sources of a join, each read in `_id` order from the index that answers it.
     fn finds(&self, reader: Reader<'_>) -> Vec<mongodb::action::Find<'_, BufferedMessage>> {
-        self.filters(reader)
+        self.sources(reader)
             .into_iter()
-            .map(|(filter, index)| self.oldest_first_in(filter, index))
+            .map(|source| self.oldest_first_in(source.filter, source.index))
             .collect()
     }
 

@@ -451,10 +451,11 @@ async fn the_drain_query_uses_an_index_and_skips_acknowledged_history() {
     };
     // The drain itself: each half streams from its index in _id order, with no sort stage,
     // and reads only what it returns: the acknowledged history is never examined.
-    let halves = msgbuf::Store::catch_up_filters("bob", Duration::from_secs(30), None);
-    for ((half, hint), returned) in halves.into_iter().zip([5, 0]) {
+    let halves = msgbuf::Store::catch_up_sources("bob", Duration::from_secs(30), None);
+    for (half, returned) in halves.into_iter().zip([5, 0]) {
+        let (filter, hint) = (half.filter, half.index);
         let e = explain(
-            doc! {"find": msgbuf::MESSAGES, "filter": half, "sort": {"_id": 1}, "hint": hint},
+            doc! {"find": msgbuf::MESSAGES, "filter": filter, "sort": {"_id": 1}, "hint": hint},
         )
         .await;
         let plan = e

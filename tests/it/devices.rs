@@ -242,6 +242,49 @@ async fn a_device_dropping_and_rejoining_on_alternate_instances_gets_every_messa
 }
 
 #[tokio::test]
+async fn a_message_older_than_a_device_left_unacknowledged_elsewhere_reaches_it_by_the_sweep() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("device_sweep");
+    let mut config = test_config(&rs, &db, "A");
+    config.device_skew = Duration::from_secs(1);
+    config.ack_timeout = Duration::from_secs(1);
+    let a = Instance::start(config).await;
+    let (mut tab, _) = a.join("bob").await;
+    let (mut alice, _) = a.join("alice").await;
+    let sent = send_n(&mut alice, "bob", 1, "before the phone").await;
+    let pushed = tab.expect("chat_message", T).await.expect("pushed").data;
+    assert_eq!(id_of(&pushed), sent[0]);
+    tab.close().await;
+    // The phone registers once the message is older than its origin (the skew window).
+    let made = ObjectId::parse_str(&sent[0])
+        .expect("id")
+        .timestamp()
+        .timestamp_millis();
+    wait_for("the message to fall below a new origin", T, || async {
+        (DateTime::now().timestamp_millis() - made >= 2_000).then_some(())
+    })
+    .await;
+
+    let (mut phone, joined) = join_device(&a, "bob", "phone").await;
+    let origin = device_doc(&rs, &db, "bob", "phone")
+        .await
+        .and_then(|d| d.get_object_id("origin").ok())
+        .expect("origin");
+    assert!(
+        origin.to_hex() > sent[0],
+        "the message is older than the phone"
+    );
+    assert_eq!(joined["pending"], 0, "not in the drain: {joined}");
+    let resent = phone
+        .expect("chat_message", T)
+        .await
+        .expect("re-sent by the sweep")
+        .data;
+    assert_eq!(id_of(&resent), sent[0]);
+    assert_eq!(resent["redelivery"], true, "{resent}");
+}
+
+#[tokio::test]
 async fn a_device_away_longer_than_the_retention_is_told_it_missed_history() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("device_missed");
@@ -440,13 +483,24 @@ async fn joining_an_up_to_date_device_reads_a_bounded_range_of_indexes() {
     })
     .await;
     let floor = device.get_object_id("floor").expect("floor");
+    let origin = device.get_object_id("origin").expect("origin");
+    assert!(origin < floor, "the floor moved past the 300: {device}");
     send_n(&mut alice, "bob", 2, "new").await;
 
-    let filters =
-        msgbuf::Store::catch_up_filters("bob", Duration::from_secs(30), Some(("phone", floor)));
+    let bounds = msgbuf::DeviceBounds {
+        device: "phone",
+        origin,
+        floor,
+    };
+    let sources = msgbuf::Store::catch_up_sources("bob", Duration::from_secs(30), Some(bounds));
     let client = rs.client().await;
     let database = client.database(&db);
-    for (filter, hint) in filters {
+    for msgbuf::CatchUpSource {
+        filter,
+        index: hint,
+        above_floor,
+    } in sources
+    {
         let e = database
             .run_command(doc! {
                 "explain": {"find": msgbuf::MESSAGES, "filter": filter.clone(), "sort": {"_id": 1}, "hint": hint},
@@ -469,5 +523,15 @@ async fn joining_an_up_to_date_device_reads_a_bounded_range_of_indexes() {
         // Two new messages at most per source, plus the index's bound checks: the 300
         // below the floor are never read.
         assert!(keys <= 6 && docs <= 2, "{hint} {filter}: {stats}");
+        // Below the floor only what precedes the device's registration is read (up to its
+        // origin), and not from the unacked index, where the 300 acks left deleted entries
+        // that a scan walks until the storage engine drops them.
+        assert_ne!(hint, "receiver_1__id_1_unacked");
+        if !above_floor {
+            assert!(
+                plan.contains(&origin.to_hex()) && !plan.contains(&floor.to_hex()),
+                "{hint}: {plan}"
+            );
+        }
     }
 }

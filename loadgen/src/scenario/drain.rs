@@ -218,10 +218,11 @@ pub async fn up_to_date_join(
     let mut rejoins = 0;
     loop {
         match crate::explain::device_state(&database, user, LAPTOP).await? {
-            Some((_, 0)) => break,
-            Some((_, acked)) => anyhow::ensure!(
+            Some(state) if state.acked == 0 => break,
+            Some(state) => anyhow::ensure!(
                 started.elapsed() < limit,
-                "the laptop still has {acked} acked ids above its floor after {limit:?}"
+                "the laptop still has {} acked ids above its floor after {limit:?}",
+                state.acked
             ),
             None => anyhow::bail!("no device document for {user}/{LAPTOP}"),
         }
