@@ -198,11 +198,9 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// The join of an up-to-date device: the catch-up's laptop (`user`'s device) rejoins and
-/// closes until its document's acked set is empty (each socket end moves its floor past
-/// what it acked, once those ids are older than the server's skew window); then its join's
-/// reads are explained and timed, and one more join through the server runs under the
-/// database profiler.
+/// The join of an up-to-date device: the catch-up's laptop is brought up to date
+/// ([`bring_up_to_date`]), then its join's reads are explained and timed, and one more join
+/// through the server runs under the database profiler ([`measure_up_to_date_join`]).
 pub async fn up_to_date_join(
     c: &Common,
     user: &str,
@@ -210,6 +208,27 @@ pub async fn up_to_date_join(
     db: &str,
     skew: Duration,
 ) -> anyhow::Result<serde_json::Value> {
+    let waited = bring_up_to_date(c, user, uri, db, skew).await?;
+    measure_up_to_date_join(c, user, uri, db, waited).await
+}
+
+/// How the laptop was brought up to date: rejoins and seconds waited.
+#[derive(Debug, Clone, Copy)]
+pub struct UpToDate {
+    rejoins: u32,
+    waited_s: f64,
+}
+
+/// The laptop (`user`'s device) rejoins and closes until its document's acked set is
+/// empty: each socket end moves its floor past what it acked, once those ids are older
+/// than the server's skew window.
+pub async fn bring_up_to_date(
+    c: &Common,
+    user: &str,
+    uri: &str,
+    db: &str,
+    skew: Duration,
+) -> anyhow::Result<UpToDate> {
     let connector = Connector::new(c);
     let url = &c.urls[0];
     let database = crate::mongo::connect(uri).await?.database(db);
@@ -232,7 +251,24 @@ pub async fn up_to_date_join(
         // The floor moves in the background after the close.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let waited_s = started.elapsed().as_secs_f64();
+    Ok(UpToDate {
+        rejoins,
+        waited_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The up-to-date laptop's join: `explain` and round trips of its reads, then a real join
+/// under the profiler.
+pub async fn measure_up_to_date_join(
+    c: &Common,
+    user: &str,
+    uri: &str,
+    db: &str,
+    waited: UpToDate,
+) -> anyhow::Result<serde_json::Value> {
+    let connector = Connector::new(c);
+    let url = &c.urls[0];
+    let UpToDate { rejoins, waited_s } = waited;
     let Some(mut v) = crate::explain::explain_device_join(uri, db, user, LAPTOP).await? else {
         anyhow::bail!("{user}/{LAPTOP} has acked ids above its floor again");
     };
