@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, DateTime, Document};
-use mongodb::options::{Hint, IndexOptions, ReturnDocument};
+use mongodb::options::{Hint, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::IndexModel;
 use serde::{Deserialize, Serialize};
 
@@ -172,10 +172,15 @@ impl Store {
     ) -> Result<Catchup, StoreError> {
         let now = DateTime::now();
         let seen = doc! {"$set": {"lastSeen": now, "expireAt": policy.expiry(now)}};
+        // Marking a known device seen is bookkeeping on the scale of the retention (a
+        // lastSeen lost in a failover only makes the device look seen a little earlier):
+        // acknowledged by the primary alone, so the join does not wait for a journal sync.
+        // Its state (floor, acked set) is written with majority where it changes.
         let before = self
             .devices
             .find_one_and_update(key(user, device.as_str()), seen)
             .return_document(ReturnDocument::Before)
+            .write_concern(WriteConcern::nodes(1))
             .await?;
         if let Some(before) = before {
             let before: DeviceDoc = mongodb::bson::from_document(before)?;
