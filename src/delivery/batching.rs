@@ -243,12 +243,11 @@ impl Recorder {
                     won += flipped;
                     self.metrics.acks.increment(flipped);
                     self.metrics.claims_with_ack.increment(flipped);
+                    // The ones it did not flip were claimed elsewhere first (a claim never
+                    // flips back): a plain claim of them would match nothing. Their acks
+                    // still go in with the batch's other acks (not `done`).
                     if flipped == with_ack.len() as u64 {
                         done = with_ack;
-                    } else {
-                        // Some were claimed elsewhere first: the plain writes below are
-                        // conditional, so each still flips at most once.
-                        alone.extend(with_ack);
                     }
                 }
                 Err(e) => {
