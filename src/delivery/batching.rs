@@ -155,12 +155,10 @@ impl Recorder {
             }
             let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
             let now = Instant::now();
-            for job in &acks {
+            for job in acks {
                 if let Some(device) = &job.device {
                     self.device_acks.add(&job.user, device, &job.ids, now);
                 }
-            }
-            for job in acks {
                 let _ = job
                     .reply
                     .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));

@@ -72,6 +72,13 @@ struct DeviceDoc {
     expire_at: DateTime,
 }
 
+impl DeviceDoc {
+    /// Its origin, the floor standing in where none was kept (never above the floor).
+    fn origin(&self) -> ObjectId {
+        self.origin.unwrap_or(self.floor).min(self.floor)
+    }
+}
+
 /// A device's catch-up state as its join reads it.
 #[derive(Debug, Clone)]
 pub struct Catchup {
@@ -97,19 +104,7 @@ impl Catchup {
             missed_history,
         }
     }
-}
 
-/// Where a device's catch-up stands ([`Catchup`]'s ids): what a join's reads are bounded by.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceBounds<'a> {
-    pub device: &'a str,
-    /// The floor it started from: below it, what is undelivered or overdue is sent.
-    pub origin: ObjectId,
-    /// Above it, everything it has not acknowledged is sent.
-    pub floor: ObjectId,
-}
-
-impl Catchup {
     pub fn bounds(&self) -> DeviceBounds<'_> {
         DeviceBounds {
             device: self.device.as_str(),
@@ -117,6 +112,16 @@ impl Catchup {
             floor: self.floor,
         }
     }
+}
+
+/// Where a device's catch-up stands ([`Catchup`]'s ids): what a join's reads are bounded by.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBounds<'a> {
+    pub device: &'a str,
+    /// The floor it started from: below it, what is undelivered is sent.
+    pub origin: ObjectId,
+    /// Above it, everything it has not acknowledged is sent.
+    pub floor: ObjectId,
 }
 
 /// A device as `GET /api/users/{userId}/devices` shows it.
@@ -188,7 +193,7 @@ impl Store {
                 return Ok(Catchup {
                     device: device.clone(),
                     floor: before.floor,
-                    origin: before.origin.unwrap_or(before.floor).min(before.floor),
+                    origin: before.origin(),
                     acked: before.acked.into_iter().collect(),
                     missed_history: false,
                 });
@@ -372,7 +377,7 @@ impl Store {
             count(received_above(user, not_acked.clone()), DRAIN_INDEX),
             count(sent_above(user, &d.device, not_acked), SENDER_INDEX),
             count(
-                doc! {"receiver": user, "delivered": false, "_id": {"$lte": d.origin.unwrap_or(d.floor).min(d.floor)}},
+                doc! {"receiver": user, "delivered": false, "_id": {"$lte": d.origin()}},
                 DRAIN_INDEX
             ),
         )?;

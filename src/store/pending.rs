@@ -126,16 +126,16 @@ impl Store {
         reader: Reader<'_>,
     ) -> Result<(u64, Option<Pending>), StoreError> {
         let skip = skipped(reader);
-        // A device's sources above its floor also read its acks there.
-        let limits: Vec<i64> = self
+        let (finds, limits): (Vec<_>, Vec<i64>) = self
             .sources(reader)
-            .iter()
+            .into_iter()
             .map(|source| {
+                // A device's sources above its floor also read its acks there.
                 let acked = if source.above_floor { skip.len() } else { 0 };
-                SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED as usize) as i64
+                let limit = SMALL_BACKLOG + 1 + acked.min(SMALL_ACKED as usize) as i64;
+                (self.oldest_first_in(source.filter, source.index), limit)
             })
-            .collect();
-        let finds = self.finds(reader);
+            .unzip();
         let reads = finds
             .into_iter()
             .zip(&limits)
