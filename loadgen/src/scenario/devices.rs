@@ -42,15 +42,6 @@ pub struct DevicesArgs {
     /// Catch-up: senders sharing them.
     #[arg(long, default_value_t = 8)]
     pub fill_senders: usize,
-    /// Latency: users in all, half senders, half receivers.
-    #[arg(long, default_value_t = 200)]
-    pub users: usize,
-    /// Latency: total messages per second (open loop).
-    #[arg(long, default_value_t = 500.0)]
-    pub rate: f64,
-    /// Latency: duration of each run.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub duration: Duration,
     /// Throughput: senders (and as many receiving users).
     #[arg(long, default_value_t = 32)]
     pub senders: usize,
@@ -90,6 +81,10 @@ pub struct DevicesArgs {
     /// Pause between parts (background work of the last one settles).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub settle: Duration,
+    /// The latency parts' load (each part one such run); last, so that its help heading
+    /// covers only its own options.
+    #[command(flatten, next_help_heading = "Latency parts")]
+    pub latency: latency::LatencyLoad,
 }
 
 fn parse_pid(s: &str) -> Result<(String, u32), String> {
@@ -410,9 +405,7 @@ pub async fn devices(args: DevicesArgs) -> anyhow::Result<()> {
     }
     let lat = |tag: &'static str, devices: usize, plain: bool| latency::LatencyArgs {
         common: common(tag, devices, plain),
-        users: args.users,
-        rate: args.rate,
-        duration: args.duration,
+        load: args.latency,
     };
     if wants("latency") {
         let one = lat("l1", 1, false);
@@ -420,7 +413,7 @@ pub async fn devices(args: DevicesArgs) -> anyhow::Result<()> {
         let what = |d: usize, kind: &str| {
             format!(
                 "latency, {d} {kind} per receiver, {} users, {} msg/s for {:?}",
-                args.users, args.rate, args.duration
+                args.latency.users, args.latency.rate, args.latency.duration
             )
         };
         if args.control {
@@ -494,8 +487,8 @@ pub async fn devices(args: DevicesArgs) -> anyhow::Result<()> {
     let mut report = Report::new(
         "devices",
         json!({"proto": c.proto.to_string(), "many": many, "messages": args.messages,
-               "fill_senders": args.fill_senders, "users": args.users, "rate": args.rate,
-               "duration_s": args.duration.as_secs_f64(), "senders": args.senders,
+               "fill_senders": args.fill_senders, "users": args.latency.users, "rate": args.latency.rate,
+               "duration_s": args.latency.duration.as_secs_f64(), "senders": args.senders,
                "window": args.window, "throughput_duration_s": args.throughput_duration.as_secs_f64(),
                "warmup_s": args.warmup.as_secs_f64(), "control": args.control,
                "device_skew_s": args.device_skew.as_secs_f64(), "size": c.size,

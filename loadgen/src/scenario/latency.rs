@@ -15,12 +15,20 @@ use crate::stamp::{instant_of, now_us};
 pub struct LatencyArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub load: LatencyLoad,
+}
+
+/// The load of a latency run (also the `devices` scenario's latency parts).
+#[derive(Args, Clone, Copy)]
+pub struct LatencyLoad {
     /// Users in all: half senders, half receivers (sender i → receiver i).
     #[arg(long, default_value_t = 200)]
     pub users: usize,
     /// Total messages per second (open loop, spread evenly over the senders).
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
+    /// Duration of the run.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub duration: Duration,
 }
@@ -32,11 +40,12 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
 /// The run, its report not yet printed (the `devices` scenario runs it several times).
 pub async fn run(args: &LatencyArgs) -> anyhow::Result<Report> {
     let c = &args.common;
-    let pairs = (args.users / 2).max(1);
+    let load = &args.load;
+    let pairs = (load.users / 2).max(1);
     let mut report = Report::new(
         "latency",
-        json!({"proto": c.proto.to_string(), "users": pairs * 2, "senders": pairs, "receivers": pairs, "rate": args.rate,
-               "duration_s": args.duration.as_secs_f64(), "size": c.size, "urls": c.urls}),
+        json!({"proto": c.proto.to_string(), "users": pairs * 2, "senders": pairs, "receivers": pairs, "rate": load.rate,
+               "duration_s": load.duration.as_secs_f64(), "size": c.size, "urls": c.urls}),
     );
     report.latency_basis =
         "scheduled send time (open loop, no coordinated omission) → chat_message read by the receiver"
@@ -44,11 +53,11 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<Report> {
     let (senders, receivers, run) = setup_pairs(c, pairs, 8 * 1024).await?;
     eprintln!(
         "latency: {pairs} senders and {pairs} receivers joined; sending {} msg/s for {:?}",
-        args.rate, args.duration
+        load.rate, load.duration
     );
-    let per_sender = args.rate / pairs as f64;
+    let per_sender = load.rate / pairs as f64;
     let interval_us = (1e6 / per_sender) as u64;
-    let count = (per_sender * args.duration.as_secs_f64()).round() as u64;
+    let count = (per_sender * load.duration.as_secs_f64()).round() as u64;
     let start_us = now_us() + 200_000;
     let run_state = start_pairs(
         c,
@@ -64,11 +73,11 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<Report> {
         },
         &[],
     );
-    tokio::time::sleep_until(instant_of(start_us) + args.duration + Duration::from_millis(50))
+    tokio::time::sleep_until(instant_of(start_us) + load.duration + Duration::from_millis(50))
         .await;
     finish_pairs(run_state, c.grace, &mut report, None, start_us).await?;
     // Throughput of an open loop: what was received over the send phase.
-    report.duration_s = args.duration.as_secs_f64();
+    report.duration_s = load.duration.as_secs_f64();
     // (messages, not deliveries: with several devices each message is received by each.)
     report.throughput_msgs_per_s = report.received as f64 / c.sockets() as f64 / report.duration_s;
     Ok(report)
