@@ -632,33 +632,48 @@ fn rate(points: &[Point], rule: &SaturationRule) -> (String, Figure) {
 /// Curve 3: a backlog drained to a client that acks each message.
 fn backlog(points: &[Point]) -> (String, Figure) {
     let drain_ms = |p: &Point| p.r("/extra/drain_ms");
+    let recorded_ms = |p: &Point| p.r("/extra/recorded_ms");
     let mut t = String::from(
         "### Backlog drained to a joining client that acks every message\n\n\
          Drain: `join_chat` sent → the ack of the last message sent (each message acked as \
-         it is read, one awaited send per ack). CPU over the drain: from the join to the end of \
+         it is read, one awaited send per ack). Recorded: `join_chat` sent → MongoDB shows \
+         every message of the user delivered and acked (polled every 5 ms from the last ack \
+         on). CPU over the drain: from the join to the end of \
          the load generator's 1 s watch for late duplicates; *idle* is what mongod used over \
          as long a time with nothing to do (measured for 3 s before the fill), and the cost per \
          message is net of it.\n\n\
-         | pending | received | in order | lost / dup | joined ms | first message ms | drain ms | µs per message | msg/s | mongod CPU s (idle) | instances CPU s | mongod CPU µs/msg above idle | drain time × vs previous (size ×) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | pending | received | in order | lost / dup | joined ms | first message ms | drain ms | recorded ms | µs per message (recorded) | msg/s (recorded) | mongod CPU s (idle) | instances CPU s | mongod CPU µs/msg above idle | drain, recorded × vs previous (size ×) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let growth_of = |prev: Option<(f64, f64)>, ms: Option<f64>| match (prev, ms) {
+        (Some((_, pms)), Some(ms)) if pms > 0.0 => format!("{:.1} ×", ms / pms),
+        _ => "–".into(),
+    };
     let mut prev: Option<(f64, f64)> = None;
+    let mut prev_recorded: Option<(f64, f64)> = None;
     for p in points {
         let ms = drain_ms(p);
+        let rec = recorded_ms(p);
         let n = p.received();
-        let growth = match (prev, ms) {
-            (Some((pv, pms)), Some(ms)) if pms > 0.0 => {
-                format!("{:.1} × ({:.0} ×)", ms / pms, p.value / pv)
-            }
-            _ => "–".into(),
+        let growth = match prev {
+            Some((pv, _)) => format!(
+                "{}, {} ({:.0} ×)",
+                growth_of(prev, ms),
+                growth_of(prev_recorded, rec),
+                p.value / pv
+            ),
+            None => "–".into(),
         };
         if let Some(ms) = ms {
             prev = Some((p.value, ms));
         }
+        if let Some(ms) = rec {
+            prev_recorded = Some((p.value, ms));
+        }
         let net = p.mongod_cpu_above_idle_s();
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             count(p.value),
             count(n),
             if p.r("/order_violations") == Some(0.0) {
@@ -670,8 +685,9 @@ fn backlog(points: &[Point]) -> (String, Figure) {
             opt(p.r("/extra/joined_ms"), 1),
             opt(p.r("/extra/first_message_ms"), 1),
             opt(ms, 1),
-            opt(ms.filter(|_| n > 0.0).map(|m| m * 1000.0 / n), 1),
-            opt(ms.filter(|m| *m > 0.0).map(|m| n * 1000.0 / m), 0),
+            opt(rec, 1),
+            opt(rec.filter(|_| n > 0.0).map(|m| m * 1000.0 / n), 1),
+            opt(rec.filter(|m| *m > 0.0).map(|m| n * 1000.0 / m), 0),
             format_args!(
                 "{} ({})",
                 opt(p.cpu_s("mongod"), 2),
@@ -682,23 +698,24 @@ fn backlog(points: &[Point]) -> (String, Figure) {
             growth,
         );
     }
-    let t10k = points
-        .iter()
-        .find(|p| p.value == 10_000.0)
-        .and_then(drain_ms);
-    let t100k = points
-        .iter()
-        .find(|p| p.value == 100_000.0)
-        .and_then(drain_ms);
-    if let (Some(a), Some(b)) = (t10k, t100k) {
-        let _ = writeln!(
-            t,
-            "\nTarget: 100,000 drained in ≤ 10 × the 10,000 time = {:.0} ms: {:.0} ms ({:.1} ×), **{}**.",
-            10.0 * a,
-            b,
-            b / a,
-            if b <= 10.0 * a { "met" } else { "missed" }
-        );
+    for (clock, time) in [
+        (
+            "the client's clock (drain ms)",
+            &drain_ms as &dyn Fn(&Point) -> Option<f64>,
+        ),
+        ("the recorded clock (recorded ms)", &recorded_ms),
+    ] {
+        let at = |k: f64| points.iter().find(|p| p.value == k).and_then(time);
+        if let (Some(a), Some(b)) = (at(10_000.0), at(100_000.0)) {
+            let _ = writeln!(
+                t,
+                "\nTarget, on {clock}: 100,000 drained in ≤ 10 × the 10,000 time = {:.0} ms: {:.0} ms ({:.1} ×), **{}**.",
+                10.0 * a,
+                b,
+                b / a,
+                if b <= 10.0 * a { "met" } else { "missed" }
+            );
+        }
     }
     // Linear growth through the smallest point, for the eye.
     let linear = points
@@ -714,14 +731,19 @@ fn backlog(points: &[Point]) -> (String, Figure) {
     let time = Chart::new(
         "drain time against backlog",
         "pending messages (log)",
-        "join → last ack (ms, log)",
+        "join → last ack, → all recorded (ms, log)",
         Scale::Log,
         Scale::Log,
     )
     .with(Series::new(
-        "drain time",
+        "drain time (last ack sent)",
         BLUE_,
         series_of(points, drain_ms),
+    ))
+    .with(Series::new(
+        "recorded (all delivered and acked in MongoDB)",
+        GREEN_,
+        series_of(points, recorded_ms),
     ))
     .with(Series::new("linear from the smallest", GREY_, linear).reference());
     let per = Chart::new(
@@ -732,11 +754,11 @@ fn backlog(points: &[Point]) -> (String, Figure) {
         Scale::Lin,
     )
     .with(Series::new(
-        "drain time per message",
+        "recorded time per message",
         BLUE_,
         series_of(points, |p| {
             let n = p.received();
-            drain_ms(p).filter(|_| n > 0.0).map(|m| m * 1000.0 / n)
+            recorded_ms(p).filter(|_| n > 0.0).map(|m| m * 1000.0 / n)
         }),
     ))
     .with(Series::new(
@@ -900,7 +922,7 @@ mod tests {
                 &dir,
                 &format!("backlog-{k}.json"),
                 &json!({"received": k, "lost": 0, "duplicates": 0, "order_violations": 0,
-                        "extra": {"drain_ms": ms, "joined_ms": 5.0, "first_message_ms": 6.0}}),
+                        "extra": {"drain_ms": ms, "recorded_ms": ms + 50.0, "joined_ms": 5.0, "first_message_ms": 6.0}}),
             );
             write(&dir, &format!("backlog-{k}.procs.json"), &procs(2));
         }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::device_acks::DeviceAcks;
+use super::held_claims::HeldClaims;
 use super::records::{plan_claims, remaining_acks, AckJob, Claim, ClaimGroup};
 use crate::device::DeviceId;
 use crate::metrics::Metrics;
@@ -22,8 +23,7 @@ const MAX_INSERT_BATCH: usize = 256;
 const MAX_RECORD_BATCH: usize = 1000;
 /// Claims and acks are bookkeeping (the push already happened, an ack only gates the
 /// sender's receipt): waiting a little turns ~one majority write per message into one per
-/// batch, and gives a client that acks at once the time to get its ack in before the claim
-/// is written, so that both go in one write.
+/// batch. A claim then waits longer for its ack ([`HeldClaims`]).
 const RECORD_LINGER: Duration = Duration::from_millis(15);
 
 pub struct InsertJob {
@@ -69,6 +69,7 @@ pub fn spawn_record_loop(
     instance: &Arc<str>,
     metrics: &Arc<Metrics>,
     devices: DevicePolicy,
+    ack_timeout: Duration,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> mpsc::Sender<Record> {
@@ -79,6 +80,7 @@ pub fn spawn_record_loop(
         metrics: metrics.clone(),
         devices,
         device_acks: DeviceAcks::default(),
+        held: HeldClaims::new(ack_timeout),
         acks_since_floor_move: HashMap::new(),
         tracker: tracker.clone(),
         cancel: cancel.clone(),
@@ -121,6 +123,8 @@ struct Recorder {
     devices: DevicePolicy,
     /// Device acks not written yet.
     device_acks: DeviceAcks,
+    /// Claims waiting for their ack, to be written with it.
+    held: HeldClaims,
     /// Per device with a socket here, its acks recorded since its floor last moved.
     acks_since_floor_move: HashMap<(String, DeviceId), usize>,
     /// Floor moves run beside the loop, on the instance's tracker.
@@ -133,48 +137,56 @@ impl Recorder {
         let mut closed = false;
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
         loop {
-            let due = self.device_acks.due();
-            let first = tokio::select! {
-                first = next_job(&mut rx, &self.cancel, &mut closed) => first,
-                _ = sleep_until(due), if due.is_some() => {
-                    self.write_device_acks().await;
-                    continue;
+            let wake = earliest(self.device_acks.due(), self.held.due());
+            tokio::select! {
+                first = next_job(&mut rx, &self.cancel, &mut closed) => {
+                    let Some(first) = first else { break };
+                    batch.push(first);
+                    linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
                 }
-            };
-            let Some(first) = first else { break };
-            batch.push(first);
-            linger(&mut rx, &mut batch, MAX_RECORD_BATCH, RECORD_LINGER, closed).await;
-            let (claims, acks, left) = split(batch.drain(..));
-            let ack_ids: Vec<(&str, &[ObjectId])> = acks
-                .iter()
-                .map(|job| (job.user.as_str(), job.ids.as_slice()))
-                .collect();
-            let mut done = HashSet::new();
-            for group in plan_claims(&claims, &ack_ids) {
-                done.extend(self.write_claims(group).await);
+                _ = sleep_until(wake), if wake.is_some() => {}
             }
-            let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
-            let now = Instant::now();
-            for job in acks {
-                if let Some(device) = &job.device {
-                    self.device_acks.add(&job.user, device, &job.ids, now);
-                }
-                let _ = job
-                    .reply
-                    .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));
-            }
-            if !left.is_empty() || self.device_acks.is_due(now) {
-                self.write_device_acks().await;
-            }
-            for (user, device, written) in left {
-                self.acks_since_floor_move
-                    .remove(&(user.clone(), device.clone()));
-                self.move_floor(user, device);
-                let _ = written.send(());
-            }
+            self.round(batch.drain(..), closed).await;
         }
         // Shutdown: what is held is written before the loop ends.
+        self.round(std::iter::empty(), true).await;
         self.write_device_acks().await;
+    }
+
+    /// One round: the records taken from the queue (maybe none: a hold ran out), then
+    /// whatever is due. `last` writes every held claim.
+    async fn round(&mut self, records: impl Iterator<Item = Record>, last: bool) {
+        let now = Instant::now();
+        let (claims, acks, left) = split(records);
+        let ack_ids: Vec<(&str, &[ObjectId])> = acks
+            .iter()
+            .map(|job| (job.user.as_str(), job.ids.as_slice()))
+            .collect();
+        self.held.add(claims, now);
+        let mut ready = self.held.take_acked(&ack_ids);
+        ready.extend(self.held.take_due(now, last));
+        let mut done = HashSet::new();
+        for group in plan_claims(&ready, &ack_ids) {
+            done.extend(self.write_claims(group).await);
+        }
+        let result = self.write_acks(remaining_acks(&ack_ids, &done)).await;
+        for job in acks {
+            if let Some(device) = &job.device {
+                self.device_acks.add(&job.user, device, &job.ids, now);
+            }
+            let _ = job
+                .reply
+                .send(result.as_ref().map(|_| ()).map_err(StoreError::duplicate));
+        }
+        if !left.is_empty() || self.device_acks.is_due(now) {
+            self.write_device_acks().await;
+        }
+        for (user, device, written) in left {
+            self.acks_since_floor_move
+                .remove(&(user.clone(), device.clone()));
+            self.move_floor(user, device);
+            let _ = written.send(());
+        }
     }
 
     /// Writes the device acks held back (one statement per device, one command for all),
@@ -336,6 +348,14 @@ async fn next_job<T>(
             }
             job = rx.recv() => return job,
         }
+    }
+}
+
+/// The earlier of two deadlines, if any.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod batching;
 mod device_acks;
+mod held_claims;
 mod recent;
 mod records;
 
@@ -89,8 +90,15 @@ impl Delivery {
         let inserts = (0..INSERT_SHARDS)
             .map(|_| batching::spawn_insert_shard(&store, &metrics, tracker, cancel))
             .collect();
-        let records =
-            batching::spawn_record_loop(&store, &instance, &metrics, devices, tracker, cancel);
+        let records = batching::spawn_record_loop(
+            &store,
+            &instance,
+            &metrics,
+            devices,
+            ack_timeout,
+            tracker,
+            cancel,
+        );
         Arc::new(Delivery {
             store,
             instance,

@@ -11,21 +11,17 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::presence::{Outbound, Queued};
 use crate::store::Pending;
 
-/// Drained messages between two records of their claims.
-pub const DRAIN_PAGE: usize = 500;
-
 pub struct Drain {
     pub cursor: Pending,
     /// Live frames queued during the drain, in queue order (still counted against the
     /// socket's queue bound).
     pub held: VecDeque<Queued>,
-    /// Written, undelivered: to claim.
+    /// Written, undelivered: to claim (at the end of each step of the drain).
     pub claim: Vec<ObjectId>,
     /// Written again after their ack timeout: to record as re-sent.
     pub resent: Vec<ObjectId>,
     /// Pushes before this are overdue (fixed at the join, like the query's filter).
     pub cutoff: DateTime,
-    pub since_record: usize,
     /// The user's drain turn on this instance (a large drain's), held until the drain ends.
     _turn: Option<OwnedSemaphorePermit>,
 }
@@ -43,7 +39,6 @@ impl Drain {
             claim: Vec::new(),
             resent: Vec::new(),
             cutoff,
-            since_record: 0,
             _turn: turn,
         }
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures::{Future, FutureExt};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::drain::{pop_before, Drain, DRAIN_PAGE};
+use super::drain::{pop_before, Drain};
 use super::{to_json, write_filtered, CallId, Out, Session, Step, STEP};
 use crate::error::Error;
 use crate::metrics::DeliveryPath;
@@ -282,6 +282,12 @@ impl Session {
                 };
             }
         }
+        // Before the socket can take them: a claim reaches the record loop ahead of its
+        // ack, which can then go in one write with it.
+        if let Some(mut drain) = self.drain.take() {
+            self.record_drained(&mut drain).await;
+            self.drain = Some(drain);
+        }
         Step::Continue
     }
 
@@ -307,13 +313,6 @@ impl Session {
                 drain.resent.push(msg.id);
             } else if received && !msg.delivered {
                 drain.claim.push(msg.id);
-            }
-            drain.since_record += 1;
-        }
-        if drain.since_record >= DRAIN_PAGE {
-            if let Some(mut drain) = self.drain.take() {
-                self.record_drained(&mut drain).await;
-                self.drain = Some(drain);
             }
         }
         Step::Continue
@@ -348,7 +347,6 @@ impl Session {
     }
 
     async fn record_drained(&mut self, drain: &mut Drain) {
-        drain.since_record = 0;
         let delivery = &self.state.delivery;
         delivery
             .claim_later(&self.claims.sub, &drain.claim, DeliveryPath::Drain)

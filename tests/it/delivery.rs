@@ -657,6 +657,46 @@ async fn a_receiver_that_acks_at_once_gets_each_message_recorded_with_one_receip
 }
 
 #[tokio::test]
+async fn a_drain_acked_as_it_is_read_is_recorded_one_write_per_message() {
+    // A drain queues claims faster than the client's acks come back; each claim waits for
+    // its ack, so that claim and ack go in one write, however far behind the acks are.
+    const N: usize = 2000;
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("drain_acked");
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
+    store.ensure_indexes().await.expect("indexes");
+    let backlog: Vec<_> = (0..N)
+        .map(|i| msgbuf::BufferedMessage::new("alice", "bob", "c", &format!("m{i}"), None))
+        .collect();
+    for r in store.insert_batch(&backlog).await {
+        r.expect("insert");
+    }
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut bob, joined) = a.join("bob").await;
+    assert_eq!(joined["pending"], N);
+    let mut got = Vec::new();
+    while got.len() < N {
+        let m = bob.expect("chat_message", T).await.expect("drained");
+        let id = id_of(&m.data);
+        bob.ack(std::slice::from_ref(&id)).await.expect("ack");
+        got.push(id);
+    }
+    let sent: Vec<String> = backlog.iter().map(|m| m.id.to_hex()).collect();
+    assert_eq!(got, sent, "all, oldest first, each once");
+    let counts = wait_for("every message recorded delivered and acked", T, || async {
+        let c = store.counts().await.ok()?;
+        (c.delivered == N as u64 && c.unacked == 0).then_some(c)
+    })
+    .await;
+    assert_eq!(counts.undelivered, 0);
+    assert_eq!(
+        metric(&a.state.metrics_text(), "msgbuf_claims_with_ack_total"),
+        N as f64,
+        "each claim went in one write with its ack"
+    );
+}
+
+#[tokio::test]
 async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("redelivery");

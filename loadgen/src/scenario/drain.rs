@@ -1,7 +1,9 @@
 //! `drain`: K messages buffered for a user who has never connected, then the user joins;
 //! the time from `join_chat` to the last message, order and loss. With `--ack` the user
 //! acks each message as it reads it, one blocking send per ack, as docs/PROTOCOL.md
-//! describes a client; otherwise it acks everything once the drain is over.
+//! describes a client; otherwise it acks everything once the drain is over. With `--ack`
+//! and `--mongodb-uri`, also the time until MongoDB has recorded the whole drain (every
+//! message delivered and acked).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -9,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
+use mongodb::bson::{doc, Document};
+use mongodb::options::Hint;
+use mongodb::Collection;
 use msgbuf::client::WsClient;
 use msgbuf::parse_duration;
 use msgbuf::protocol::ServerFrame;
@@ -39,7 +44,8 @@ pub struct DrainArgs {
     pub timeout: Duration,
     /// When given: before the join, `explain` (executionStats) the reads of the user's
     /// pending messages (both halves, find and count) against this replica set and put the
-    /// plans in the report.
+    /// plans in the report; with `--ack`, also time the drain until this replica set has
+    /// recorded it all (`recorded_ms`).
     #[arg(long)]
     pub mongodb_uri: Option<String>,
     /// Database msgbuf uses (for `--mongodb-uri`).
@@ -91,13 +97,20 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
         let laptop = connector
             .connect(&c.urls[0], &receiver, None, 8 * 1024)
             .await?;
-        read_backlog(laptop, 0, args.timeout, false, Some(LAPTOP)).await?;
+        read_backlog(laptop, 0, args.timeout, false, Some(LAPTOP), None).await?;
         let phone = connector
             .connect(&c.urls[0], &receiver, None, 64 * 1024)
             .await?;
         let expected = args.messages as u64;
         let timeout = args.timeout;
-        let phone = tokio::spawn(read_backlog(phone, expected, timeout, true, Some(PHONE)));
+        let phone = tokio::spawn(read_backlog(
+            phone,
+            expected,
+            timeout,
+            true,
+            Some(PHONE),
+            None,
+        ));
         (Some(LAPTOP), Some(phone))
     } else {
         (None, None)
@@ -139,8 +152,27 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
     let ws = connector
         .connect(&c.urls[0], &receiver, None, 64 * 1024)
         .await?;
-    let d = read_backlog(ws, report.accepted, args.timeout, args.ack, joined_device).await?;
+    // With acks, the drain also ends where MongoDB has recorded all of it.
+    let watch = match (&args.mongodb_uri, args.ack && !args.catch_up) {
+        (Some(uri), true) => Some(RecordWatch::connect(uri, &args.db, &receiver).await?),
+        _ => None,
+    };
+    let d = read_backlog(
+        ws,
+        report.accepted,
+        args.timeout,
+        args.ack,
+        joined_device,
+        watch.as_ref(),
+    )
+    .await?;
     let drain_ms = (d.last_us - d.t0) as f64 / 1000.0;
+    if watch.is_some() {
+        report.extra.insert(
+            "recorded_ms".into(),
+            json!(d.recorded_us.map(|u| (u - d.t0) as f64 / 1000.0)),
+        );
+    }
     report.received = d.seen.len() as u64;
     report.lost = fill.accepted.difference(&d.seen).count() as u64;
     report.unexpected = d.seen.difference(&fill.accepted).count() as u64;
@@ -246,7 +278,7 @@ pub async fn bring_up_to_date(
             None => anyhow::bail!("no device document for {user}/{LAPTOP}"),
         }
         let ws = connector.connect(url, user, None, 8 * 1024).await?;
-        read_backlog(ws, 0, Duration::from_secs(5), false, Some(LAPTOP)).await?;
+        read_backlog(ws, 0, Duration::from_secs(5), false, Some(LAPTOP), None).await?;
         rejoins += 1;
         // The floor moves in the background after the close.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -418,7 +450,63 @@ struct Drained {
     redeliveries: u64,
     order_violations: u64,
     acked: u64,
+    /// When MongoDB showed every message delivered and acked (with a [`RecordWatch`]).
+    recorded_us: Option<u64>,
     close: Option<String>,
+}
+
+/// How the load generator sees that a drain is recorded: none of the receiver's messages
+/// is left undelivered or unacknowledged in MongoDB (majority reads, on the two indexes
+/// msgbuf keeps for exactly those).
+pub struct RecordWatch {
+    messages: Collection<Document>,
+    receiver: String,
+}
+
+/// Between two looks at MongoDB: the resolution of `recorded_ms`.
+const RECORD_POLL: Duration = Duration::from_millis(5);
+
+impl RecordWatch {
+    pub async fn connect(uri: &str, db: &str, receiver: &str) -> anyhow::Result<Self> {
+        let client = crate::mongo::connect(uri).await?;
+        Ok(RecordWatch {
+            messages: crate::mongo::messages(&client.database(db)),
+            receiver: receiver.to_owned(),
+        })
+    }
+
+    /// Waits until every message of the receiver is recorded delivered and acked; the
+    /// time (µs) it saw that, or `None` past `deadline`.
+    async fn wait(&self, deadline: tokio::time::Instant) -> anyhow::Result<Option<u64>> {
+        let undelivered = doc! {"receiver": &self.receiver, "delivered": false};
+        let unacked =
+            doc! {"receiver": &self.receiver, "delivered": true, "ackedAt": {"$type": "null"}};
+        loop {
+            // Hinted: left to the planner, a look can scan the receiver's whole backlog
+            // (and slow the writes it waits for).
+            let left = self
+                .messages
+                .find_one(undelivered.clone())
+                .hint(Hint::Name("receiver_1_delivered_1__id_1".into()))
+                .projection(doc! {"_id": 1})
+                .await?
+                .is_some()
+                || self
+                    .messages
+                    .find_one(unacked.clone())
+                    .hint(Hint::Name("receiver_1__id_1_unacked".into()))
+                    .projection(doc! {"_id": 1})
+                    .await?
+                    .is_some();
+            if !left {
+                return Ok(Some(now_us()));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(RECORD_POLL).await;
+        }
+    }
 }
 
 /// Joins and reads until `expected` distinct messages arrived (or `timeout`); with `ack`,
@@ -434,6 +522,7 @@ async fn read_backlog(
     timeout: Duration,
     ack: bool,
     device: Option<&'static str>,
+    watch: Option<&RecordWatch>,
 ) -> anyhow::Result<Drained> {
     let mut d = Drained {
         t0: 0,
@@ -449,6 +538,7 @@ async fn read_backlog(
         redeliveries: 0,
         order_violations: 0,
         acked: 0,
+        recorded_us: None,
         close: None,
     };
     let mut unacked: Vec<String> = Vec::new();
@@ -511,6 +601,9 @@ async fn read_backlog(
     }
     for chunk in unacked.chunks(1000) {
         ws.send_frame(&frames::ack(chunk.to_vec())).await?;
+    }
+    if let Some(watch) = watch {
+        d.recorded_us = watch.wait(deadline).await?;
     }
     let settle = tokio::time::Instant::now() + Duration::from_secs(1);
     while let Ok(received) = tokio::time::timeout_at(settle, ws.recv()).await {
