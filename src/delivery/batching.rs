@@ -35,8 +35,8 @@ pub struct InsertJob {
 pub enum Record {
     Claim(Claim),
     Ack(AckJob),
-    /// A device's socket ended: write its held acks (and those queued before this), answer
-    /// `written`, then move its floor past them.
+    /// A device's socket ended: write its user's held claims and acks (and those queued
+    /// before this), answer `written`, then move its floor past them.
     DeviceLeft {
         user: String,
         device: DeviceId,
@@ -165,6 +165,9 @@ impl Recorder {
         self.held.add(claims, now);
         let mut ready = self.held.take_acked(&ack_ids);
         ready.extend(self.held.take_due(now, last));
+        for (user, _, _) in &left {
+            ready.extend(self.held.take_of(user));
+        }
         let mut done = HashSet::new();
         for group in plan_claims(&ready, &ack_ids) {
             done.extend(self.write_claims(group).await);

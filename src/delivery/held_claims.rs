@@ -65,6 +65,18 @@ impl HeldClaims {
         out
     }
 
+    /// The held claims of `user`: a device of theirs left, and what was pushed to it
+    /// unacked must read as delivered (so as `redelivery`) when it joins again.
+    pub fn take_of(&mut self, user: &str) -> Vec<Claim> {
+        let ids: Vec<ObjectId> = self
+            .by_id
+            .iter()
+            .filter(|(_, c)| c.receiver == user)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
+    }
+
     /// The claims that waited long enough (all of them when `all`), oldest first, and the
     /// oldest beyond the bound.
     pub fn take_due(&mut self, now: Instant, all: bool) -> Vec<Claim> {
@@ -119,6 +131,16 @@ mod tests {
             .is_empty());
         assert_eq!(held.take_due(t0 + CLAIM_HOLD, false), vec![b]);
         assert!(held.due().is_none());
+    }
+
+    #[test]
+    fn a_leaving_user_takes_their_claims_only() {
+        let t0 = Instant::now();
+        let mut held = HeldClaims::new(Duration::from_secs(30));
+        let (a, b) = (claim("bob"), claim("carol"));
+        held.add(vec![a.clone(), b.clone()], t0);
+        assert_eq!(held.take_of("bob"), vec![a]);
+        assert_eq!(held.take_due(t0 + CLAIM_HOLD, false), vec![b]);
     }
 
     #[test]

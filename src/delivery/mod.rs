@@ -205,8 +205,9 @@ impl Delivery {
         rx.await.map_err(|_| StoreError::ShuttingDown)?
     }
 
-    /// A device's socket ended: its acks (held back to be batched) are written, then its
-    /// floor moves past them. Returns once they are written.
+    /// A device's socket ended: its acks (held back to be batched) and its user's held
+    /// claims are written, then its floor moves past them. Returns once they are written,
+    /// so that a rejoin reads what was pushed to it unacked as such (`redelivery`).
     pub async fn device_left(&self, user: String, device: DeviceId) {
         let (written, rx) = oneshot::channel();
         let left = Record::DeviceLeft {

@@ -242,6 +242,31 @@ async fn a_device_dropping_and_rejoining_on_alternate_instances_gets_every_messa
 }
 
 #[tokio::test]
+async fn a_device_that_closes_without_acking_gets_the_message_again_flagged_at_once() {
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("device_unacked_rejoin");
+    // The default ack timeout (30 s): the re-send below is the rejoin's, not the sweep's.
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut phone, _) = join_device(&a, "bob", "phone").await;
+    let (mut alice, _) = a.join("alice").await;
+    let sent = send_n(&mut alice, "bob", 1, "read, not acked").await;
+    let pushed = phone.expect("chat_message", T).await.expect("pushed").data;
+    assert_eq!(id_of(&pushed), sent[0]);
+    assert_eq!(pushed["redelivery"], Value::Null, "{pushed}");
+    // Closed well inside the time a claim waits for its ack.
+    phone.close().await;
+
+    let (mut phone, joined) = join_device(&a, "bob", "phone").await;
+    assert_eq!(joined["pending"], 1, "{joined}");
+    let again = phone.expect("chat_message", T).await.expect("again").data;
+    assert_eq!(
+        (id_of(&again), again["redelivery"].as_bool()),
+        (sent[0].clone(), Some(true)),
+        "{again}"
+    );
+}
+
+#[tokio::test]
 async fn a_message_older_than_a_device_left_unacknowledged_elsewhere_reaches_it_by_the_sweep() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("device_sweep");
