@@ -24,6 +24,7 @@ mod plot;
 mod procfs;
 mod report;
 mod scenario;
+mod server_metrics;
 mod stamp;
 mod summary;
 

@@ -54,6 +54,10 @@ pub const MONGO_STATS: &[&str] = &[
     "wiredTiger.log.log sync operations",
     "wiredTiger.log.log sync time duration (usecs)",
     "wiredTiger.transaction.transaction checkpoints",
+    "wiredTiger.transaction.transaction checkpoint total time (msecs)",
+    "wiredTiger.cache.tracked dirty bytes in the cache",
+    "wiredTiger.cache.pages read into cache",
+    "wiredTiger.cache.pages written from cache",
 ];
 
 pub async fn mongo_stats(args: MongoStatsArgs) -> anyhow::Result<()> {
@@ -112,7 +116,9 @@ pub fn delta(
 ) -> serde_json::Map<String, Value> {
     let mut out = now.clone();
     for (k, v) in out.iter_mut() {
-        let gauge = k.contains("bytes currently") || k.contains("maximum bytes");
+        let gauge = k.contains("bytes currently")
+            || k.contains("maximum bytes")
+            || k.contains("dirty bytes");
         if let (Some(n), Some(then)) = (v.as_f64(), base.get(k).and_then(|b| b.as_f64())) {
             if !gauge {
                 *v = json!(n - then);

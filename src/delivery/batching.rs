@@ -44,6 +44,37 @@ pub enum Record {
     },
 }
 
+/// A [`Record`] and when it entered the queue.
+pub struct Queued {
+    at: Instant,
+    record: Record,
+}
+
+/// The record loop's queue. Each record is stamped as it enters, so that the loop can tell
+/// how far its reading has come in time: a held claim is written alone only once the loop
+/// has read everything queued up to the end of its hold, so its ack did not come in time
+/// (however far behind the loop is), rather than at a time the ack may still be waiting
+/// in the queue.
+#[derive(Clone)]
+pub struct RecordQueue(mpsc::Sender<Queued>);
+
+/// The record loop stopped (shutdown).
+#[derive(Debug)]
+pub struct Stopped;
+
+impl RecordQueue {
+    /// Queues `record`, waiting while the queue is full (backpressure on its senders).
+    pub async fn send(&self, record: Record) -> Result<(), Stopped> {
+        let permit = self.0.reserve().await.map_err(|_| Stopped)?;
+        // Stamped once admitted: stamps then follow the queue's order.
+        permit.send(Queued {
+            at: Instant::now(),
+            record,
+        });
+        Ok(())
+    }
+}
+
 /// A device's floor is moved after this many of its acks were recorded (and when its
 /// socket ends): often enough that its acked set stays small.
 const ACKS_PER_FLOOR_MOVE: usize = 256;
@@ -72,7 +103,7 @@ pub fn spawn_record_loop(
     ack_timeout: Duration,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
-) -> mpsc::Sender<Record> {
+) -> RecordQueue {
     let (tx, rx) = mpsc::channel(16 * MAX_RECORD_BATCH);
     let recorder = Recorder {
         store: store.clone(),
@@ -86,7 +117,7 @@ pub fn spawn_record_loop(
         cancel: cancel.clone(),
     };
     tracker.spawn(recorder.run(rx));
-    tx
+    RecordQueue(tx)
 }
 
 /// One shard: one ordered `insertMany` at a time, of everything queued meanwhile.
@@ -133,12 +164,15 @@ struct Recorder {
 }
 
 impl Recorder {
-    async fn run(mut self, mut rx: mpsc::Receiver<Record>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         let mut closed = false;
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+        let mut read = Instant::now();
         loop {
             let wake = earliest(self.device_acks.due(), self.held.due());
             tokio::select! {
+                // Records first: a hold that ran out on the clock may have its ack queued.
+                biased;
                 first = next_job(&mut rx, &self.cancel, &mut closed) => {
                     let Some(first) = first else { break };
                     batch.push(first);
@@ -146,25 +180,32 @@ impl Recorder {
                 }
                 _ = sleep_until(wake), if wake.is_some() => {}
             }
-            self.round(batch.drain(..), closed).await;
+            read = read_up_to(&rx, &batch, read);
+            self.round(batch.drain(..), read, closed).await;
         }
         // Shutdown: what is held is written before the loop ends.
-        self.round(std::iter::empty(), true).await;
+        self.round(std::iter::empty(), Instant::now(), true).await;
         self.write_device_acks().await;
     }
 
     /// One round: the records taken from the queue (maybe none: a hold ran out), then
-    /// whatever is due. `last` writes every held claim.
-    async fn round(&mut self, records: impl Iterator<Item = Record>, last: bool) {
+    /// whatever is due now that the loop has read what was queued up to `read_up_to`.
+    /// `last` writes every held claim.
+    async fn round(
+        &mut self,
+        records: impl Iterator<Item = Queued>,
+        read_up_to: Instant,
+        last: bool,
+    ) {
         let now = Instant::now();
         let (claims, acks, left) = split(records);
         let ack_ids: Vec<(&str, &[ObjectId])> = acks
             .iter()
             .map(|job| (job.user.as_str(), job.ids.as_slice()))
             .collect();
-        self.held.add(claims, now);
+        self.held.add(claims);
         let mut ready = self.held.take_acked(&ack_ids);
-        ready.extend(self.held.take_due(now, last));
+        ready.extend(self.held.take_due(read_up_to, last));
         for (user, _, _) in &left {
             ready.extend(self.held.take_of(user));
         }
@@ -317,13 +358,23 @@ impl Recorder {
 
 type Left = Vec<(String, DeviceId, oneshot::Sender<()>)>;
 
-fn split(records: impl Iterator<Item = Record>) -> (Vec<Claim>, Vec<AckJob>, Left) {
+/// How far in time the loop has read its queue: to now when it is empty, else to the
+/// last record it took (in this round's `batch`, else in an earlier one).
+fn read_up_to(rx: &mpsc::Receiver<Queued>, batch: &[Queued], earlier: Instant) -> Instant {
+    if rx.is_empty() {
+        return Instant::now();
+    }
+    batch.last().map_or(earlier, |last| last.at)
+}
+
+/// The claims (with when each was queued), acks and device ends of a round.
+fn split(records: impl Iterator<Item = Queued>) -> (Vec<(Instant, Claim)>, Vec<AckJob>, Left) {
     let mut claims = Vec::new();
     let mut acks = Vec::new();
     let mut left = Vec::new();
-    for record in records {
+    for Queued { at, record } in records {
         match record {
-            Record::Claim(claim) => claims.push(claim),
+            Record::Claim(claim) => claims.push((at, claim)),
             Record::Ack(job) => acks.push(job),
             Record::DeviceLeft {
                 user,
@@ -403,5 +454,42 @@ fn take_queued<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
             Ok(job) => batch.push(job),
             Err(_) => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::DeliveryPath;
+
+    fn queued(at: Instant) -> Queued {
+        Queued {
+            at,
+            record: Record::Claim(Claim {
+                id: ObjectId::new(),
+                receiver: "bob".into(),
+                path: DeliveryPath::Live,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_loop_has_read_up_to_its_last_record_while_more_wait_and_to_now_once_none_do() {
+        let t0 = Instant::now() - Duration::from_secs(5);
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.send(queued(t0)).await.expect("queued");
+        tx.send(queued(t0 + Duration::from_secs(1)))
+            .await
+            .expect("queued");
+        let earlier = t0 - Duration::from_secs(1);
+        assert_eq!(read_up_to(&rx, &[], earlier), earlier, "nothing read yet");
+        let batch = vec![rx.recv().await.expect("first")];
+        assert_eq!(
+            read_up_to(&rx, &batch, earlier),
+            t0,
+            "an ack may still wait behind it"
+        );
+        let batch = vec![rx.recv().await.expect("second")];
+        assert!(read_up_to(&rx, &batch, t0) >= t0 + Duration::from_secs(5));
     }
 }

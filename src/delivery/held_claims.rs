@@ -40,13 +40,13 @@ impl HeldClaims {
         }
     }
 
-    /// Holds `claims`. A repeated id (a second push of one message) keeps its first
-    /// deadline.
-    pub fn add(&mut self, claims: Vec<Claim>, now: Instant) {
-        for claim in claims {
+    /// Holds `claims`, each from when it was queued. A repeated id (a second push of one
+    /// message) keeps its first deadline.
+    pub fn add(&mut self, claims: Vec<(Instant, Claim)>) {
+        for (at, claim) in claims {
             let id = claim.id;
             if self.by_id.insert(id, claim).is_none() {
-                self.order.push_back((now, id));
+                self.order.push_back((at, id));
             }
         }
     }
@@ -77,16 +77,17 @@ impl HeldClaims {
         ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
     }
 
-    /// The claims that waited long enough (all of them when `all`), oldest first, and the
-    /// oldest beyond the bound.
-    pub fn take_due(&mut self, now: Instant, all: bool) -> Vec<Claim> {
+    /// The claims whose hold ended by `read_up_to` (the loop has read every record queued
+    /// until then, so their acks did not come in time), all of them when `all`, oldest
+    /// first, and the oldest beyond the bound.
+    pub fn take_due(&mut self, read_up_to: Instant, all: bool) -> Vec<Claim> {
         let mut out = Vec::new();
         while let Some(&(at, id)) = self.order.front() {
             if !self.by_id.contains_key(&id) {
                 self.order.pop_front();
                 continue;
             }
-            let due = all || at + self.hold <= now || self.by_id.len() > MAX_HELD;
+            let due = all || at + self.hold <= read_up_to || self.by_id.len() > MAX_HELD;
             if !due {
                 break;
             }
@@ -108,6 +109,10 @@ mod tests {
     use super::*;
     use crate::metrics::DeliveryPath;
 
+    fn at(t: Instant, claims: Vec<Claim>) -> Vec<(Instant, Claim)> {
+        claims.into_iter().map(|c| (t, c)).collect()
+    }
+
     fn claim(receiver: &str) -> Claim {
         Claim {
             id: ObjectId::new(),
@@ -121,7 +126,7 @@ mod tests {
         let t0 = Instant::now();
         let mut held = HeldClaims::new(Duration::from_secs(30));
         let (a, b) = (claim("bob"), claim("bob"));
-        held.add(vec![a.clone(), b.clone()], t0);
+        held.add(at(t0, vec![a.clone(), b.clone()]));
         let by_mallory = [b.id];
         assert!(held.take_acked(&[("mallory", &by_mallory)]).is_empty());
         let by_bob = [a.id];
@@ -138,7 +143,7 @@ mod tests {
         let t0 = Instant::now();
         let mut held = HeldClaims::new(Duration::from_secs(30));
         let (a, b) = (claim("bob"), claim("carol"));
-        held.add(vec![a.clone(), b.clone()], t0);
+        held.add(at(t0, vec![a.clone(), b.clone()]));
         assert_eq!(held.take_of("bob"), vec![a]);
         assert_eq!(held.take_due(t0 + CLAIM_HOLD, false), vec![b]);
     }
@@ -147,7 +152,7 @@ mod tests {
     fn a_short_ack_timeout_shortens_the_hold() {
         let t0 = Instant::now();
         let mut held = HeldClaims::new(Duration::from_secs(1));
-        held.add(vec![claim("bob")], t0);
+        held.add(at(t0, vec![claim("bob")]));
         assert_eq!(held.due(), Some(t0 + Duration::from_millis(250)));
     }
 
@@ -156,8 +161,8 @@ mod tests {
         let t0 = Instant::now();
         let mut held = HeldClaims::new(Duration::from_secs(30));
         let first = claim("bob");
-        held.add(vec![first.clone()], t0);
-        held.add((0..MAX_HELD).map(|_| claim("bob")).collect(), t0);
+        held.add(at(t0, vec![first.clone()]));
+        held.add(at(t0, (0..MAX_HELD).map(|_| claim("bob")).collect()));
         assert_eq!(held.take_due(t0, false), vec![first]);
         assert_eq!(held.take_due(t0, true).len(), MAX_HELD);
         assert!(held.due().is_none());
@@ -168,8 +173,8 @@ mod tests {
         let t0 = Instant::now();
         let mut held = HeldClaims::new(Duration::from_secs(30));
         let a = claim("bob");
-        held.add(vec![a.clone()], t0);
-        held.add(vec![a.clone()], t0 + Duration::from_millis(500));
+        held.add(at(t0, vec![a.clone()]));
+        held.add(at(t0 + Duration::from_millis(500), vec![a.clone()]));
         assert_eq!(held.take_due(t0 + CLAIM_HOLD, true), vec![a]);
     }
 }

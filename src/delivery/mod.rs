@@ -52,7 +52,7 @@ pub struct Delivery {
     /// One queue per insert shard.
     inserts: Vec<mpsc::Sender<InsertJob>>,
     /// Claims and acks for the record loop.
-    records: mpsc::Sender<Record>,
+    records: batching::RecordQueue,
     /// Sends accepted lately, by (sender, clientMsgId): a repeat is answered here and
     /// costs its sender nothing in the insert shard that other senders share.
     recent: recent::RecentAccepts,

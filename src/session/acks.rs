@@ -45,6 +45,9 @@ impl Session {
             return;
         }
         let n = ids.len();
+        if let Some(drain) = self.drain.as_mut() {
+            drain.pace.acked(n, std::time::Instant::now());
+        }
         self.unrecorded_acks += n;
         let state = self.state.clone();
         let user = self.claims.sub.clone();

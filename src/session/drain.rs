@@ -4,6 +4,7 @@
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use mongodb::bson::{oid::ObjectId, DateTime};
 use tokio::sync::OwnedSemaphorePermit;
@@ -22,6 +23,8 @@ pub struct Drain {
     pub resent: Vec<ObjectId>,
     /// Pushes before this are overdue (fixed at the join, like the query's filter).
     pub cutoff: DateTime,
+    /// How far the drain is ahead of its client's acks.
+    pub pace: Pace,
     /// The user's drain turn on this instance (a large drain's), held until the drain ends.
     _turn: Option<OwnedSemaphorePermit>,
 }
@@ -39,8 +42,50 @@ impl Drain {
             claim: Vec::new(),
             resent: Vec::new(),
             cutoff,
+            pace: Pace::default(),
             _turn: turn,
         }
+    }
+}
+
+/// Drained messages a client that acks as it reads may leave unacknowledged before the
+/// drain waits for its acks. Without a bound the drain runs as far ahead as the socket
+/// buffers hold (tens of thousands of messages on loopback), each message then reaches
+/// the client, and its ack the record loop, seconds after its claim: past the claim's hold,
+/// so claim and ack become two writes (BENCHMARKS.md, "Backlog"). 1,024 messages keep a
+/// client reading a few thousand a second well inside the hold, and are far more than a
+/// round trip's worth.
+pub const AHEAD: usize = 1024;
+/// A client that acked before but has not for this long no longer paces the drain (its
+/// claims go alone after their hold anyway).
+pub const ACK_STALL: Duration = Duration::from_millis(500);
+
+/// Messages drained and acks read during a drain.
+#[derive(Debug, Default)]
+pub struct Pace {
+    drained: usize,
+    acked: usize,
+    last_ack: Option<Instant>,
+}
+
+impl Pace {
+    pub fn drained(&mut self, n: usize) {
+        self.drained += n;
+    }
+
+    pub fn acked(&mut self, n: usize, now: Instant) {
+        self.acked += n;
+        self.last_ack = Some(now);
+    }
+
+    /// Whether the drain may write its next step: always for a client that has not acked
+    /// during it (one that does not ack as it reads is not held back), else while it is
+    /// less than [`AHEAD`] ahead of the acks, or once they stalled.
+    pub fn may_go_on(&self, now: Instant) -> bool {
+        let Some(last_ack) = self.last_ack else {
+            return true;
+        };
+        self.drained.saturating_sub(self.acked) < AHEAD || now >= last_ack + ACK_STALL
     }
 }
 
@@ -63,6 +108,21 @@ mod tests {
             id,
             frame: "chat".into(),
         }
+    }
+
+    #[test]
+    fn a_drain_waits_for_a_client_that_acks_but_not_for_one_that_does_not() {
+        let t0 = Instant::now();
+        let mut pace = Pace::default();
+        pace.drained(5 * AHEAD);
+        assert!(pace.may_go_on(t0), "no ack yet: not paced");
+        pace.acked(1, t0);
+        assert!(!pace.may_go_on(t0), "far ahead of its acks");
+        pace.acked(4 * AHEAD, t0);
+        assert!(pace.may_go_on(t0), "within the window again");
+        pace.drained(AHEAD);
+        assert!(!pace.may_go_on(t0 + ACK_STALL - Duration::from_millis(1)));
+        assert!(pace.may_go_on(t0 + ACK_STALL), "its acks stalled");
     }
 
     #[test]

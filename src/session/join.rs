@@ -309,6 +309,7 @@ impl Session {
             let maybe_seen = self.device.is_some() && received && msg.is_unacked();
             let frame = ServerFrame::ChatMessage(msg.to_wire(overdue || maybe_seen));
             self.outbox.push(frame.encode_out());
+            drain.pace.drained(1);
             if overdue {
                 drain.resent.push(msg.id);
             } else if received && !msg.delivered {

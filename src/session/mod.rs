@@ -54,6 +54,8 @@ const STEP: usize = 128;
 /// How often a session that only its user's byte budget holds back looks again (the
 /// user's other sockets free the budget as they write; only such sessions pay this).
 const BUDGET_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often a drain held back by its client's acks looks whether they stalled.
+const PACE_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 /// How long an ending socket waits for the acks it read to be recorded.
 const ACK_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -216,9 +218,10 @@ impl Session {
                     self.on_opened(opened);
                     Step::Continue
                 }
-                next = next_drained(&mut self.drain), if self.drain.is_some() && self.outbox.has_room() => {
+                next = next_drained(&mut self.drain), if self.drain_may_go_on() && self.outbox.has_room() => {
                     Box::pin(self.on_drained(next)).await
                 }
+                _ = tokio::time::sleep(PACE_RECHECK), if self.drain_waits_for_acks() => Step::Continue,
                 Some(item) = recv_queue(&mut self.queue), if self.settled() && self.outbox.has_room() => {
                     self.on_live(item);
                     Step::Continue
@@ -356,6 +359,18 @@ impl Session {
                 }
             }
         }));
+    }
+
+    /// A drain in progress that its client's acks let go on ([`drain::Pace`]).
+    fn drain_may_go_on(&self) -> bool {
+        self.drain
+            .as_ref()
+            .is_some_and(|d| d.pace.may_go_on(std::time::Instant::now()))
+    }
+
+    /// A drain held back by its client's acks: it goes on when they come, or stall.
+    fn drain_waits_for_acks(&self) -> bool {
+        self.drain.is_some() && !self.drain_may_go_on()
     }
 
     /// Neither joining nor draining: live frames go straight out.

@@ -697,6 +697,43 @@ async fn a_drain_acked_as_it_is_read_is_recorded_one_write_per_message() {
 }
 
 #[tokio::test]
+async fn a_drain_goes_on_when_its_client_stops_acking() {
+    // The drain keeps within a window of its client's acks; a client that acked once and
+    // then stopped still gets everything (the window gives way once its acks stall).
+    const N: usize = 2500;
+    let rs = ReplicaSet::start(1).await;
+    let db = db_name("drain_ack_stall");
+    let store = msgbuf::Store::new(rs.client().await.database(&db));
+    store.ensure_indexes().await.expect("indexes");
+    let backlog: Vec<_> = (0..N)
+        .map(|i| msgbuf::BufferedMessage::new("alice", "bob", "c", &format!("m{i}"), None))
+        .collect();
+    for r in store.insert_batch(&backlog).await {
+        r.expect("insert");
+    }
+    let a = Instance::start(test_config(&rs, &db, "A")).await;
+    let (mut bob, joined) = a.join("bob").await;
+    assert_eq!(joined["pending"], N);
+    let mut got = Vec::new();
+    while got.len() < N {
+        let m = bob.expect("chat_message", T).await.expect("drained");
+        let id = id_of(&m.data);
+        if got.is_empty() {
+            bob.ack(std::slice::from_ref(&id)).await.expect("ack");
+        }
+        got.push(id);
+    }
+    let sent: Vec<String> = backlog.iter().map(|m| m.id.to_hex()).collect();
+    assert_eq!(got, sent, "all, oldest first, each once");
+    let counts = wait_for("every message recorded delivered", T, || async {
+        let c = store.counts().await.ok()?;
+        (c.delivered == N as u64).then_some(c)
+    })
+    .await;
+    assert_eq!(counts.unacked, N as u64 - 1, "only the first was acked");
+}
+
+#[tokio::test]
 async fn unacknowledged_pushes_are_redelivered_after_the_ack_timeout() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("redelivery");

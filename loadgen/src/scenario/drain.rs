@@ -148,6 +148,12 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
             Err(e) => eprintln!("drain: explain failed: {e:#}"),
         }
     }
+    // What the drain asks of MongoDB and what the instances say they wrote (claims with
+    // their ack, or alone).
+    let meter = match &args.mongodb_uri {
+        Some(uri) => Some(DrainMeter::start(uri, &c.urls).await?),
+        None => None,
+    };
     // The offline user comes online: connect, then time join_chat → last message.
     let ws = connector
         .connect(&c.urls[0], &receiver, None, 64 * 1024)
@@ -172,6 +178,11 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
             "recorded_ms".into(),
             json!(d.recorded_us.map(|u| (u - d.t0) as f64 / 1000.0)),
         );
+    }
+    if let Some(meter) = meter {
+        let (mongo, server) = meter.since(&c.urls).await;
+        report.extra.insert("mongo".into(), mongo);
+        report.extra.insert("server".into(), server);
     }
     report.received = d.seen.len() as u64;
     report.lost = fill.accepted.difference(&d.seen).count() as u64;
@@ -228,6 +239,39 @@ pub async fn run(args: &DrainArgs) -> anyhow::Result<Report> {
         .extra
         .insert("sender_closes".into(), json!(fill.closes));
     Ok(report)
+}
+
+/// serverStatus and the instances' counters at the join, to report their deltas once the
+/// drain is over (recorded, when watched).
+struct DrainMeter {
+    client: mongodb::Client,
+    stats: serde_json::Map<String, serde_json::Value>,
+    metrics: std::collections::HashMap<String, f64>,
+}
+
+impl DrainMeter {
+    async fn start(uri: &str, urls: &[String]) -> anyhow::Result<Self> {
+        let client = crate::mongo::connect(uri).await?;
+        let stats = crate::mongo_stats::snapshot(&client).await?;
+        let metrics = crate::server_metrics::read(urls).await;
+        Ok(DrainMeter {
+            client,
+            stats,
+            metrics,
+        })
+    }
+
+    async fn since(self, urls: &[String]) -> (serde_json::Value, serde_json::Value) {
+        let mongo = match crate::mongo_stats::snapshot(&self.client).await {
+            Ok(now) => serde_json::Value::Object(crate::mongo_stats::delta(&now, &self.stats)),
+            Err(e) => {
+                eprintln!("drain: serverStatus failed: {e:#}");
+                serde_json::Value::Null
+            }
+        };
+        let now = crate::server_metrics::read(urls).await;
+        (mongo, crate::server_metrics::deltas(&self.metrics, &now))
+    }
 }
 
 /// The join of an up-to-date device: the catch-up's laptop is brought up to date
