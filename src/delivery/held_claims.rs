@@ -68,13 +68,10 @@ impl HeldClaims {
     /// The held claims of `user`: a device of theirs left, and what was pushed to it
     /// unacked must read as delivered (so as `redelivery`) when it joins again.
     pub fn take_of(&mut self, user: &str) -> Vec<Claim> {
-        let ids: Vec<ObjectId> = self
-            .by_id
-            .iter()
-            .filter(|(_, c)| c.receiver == user)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
+        self.by_id
+            .extract_if(|_, c| c.receiver == user)
+            .map(|(_, c)| c)
+            .collect()
     }
 
     /// The claims whose hold ended by `read_up_to` (the loop has read every record queued

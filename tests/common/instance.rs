@@ -119,6 +119,31 @@ pub async fn messages(rs: &ReplicaSet, db: &str) -> mongodb::Collection<Document
     rs.client().await.database(db).collection(msgbuf::MESSAGES)
 }
 
+/// `n` messages from alice to `receiver` in chat `chat`, stored straight into the test
+/// database (with msgbuf's indexes) before any instance runs: all pending, none of them
+/// streamed. Returns the store and the messages, oldest first.
+pub async fn stored_backlog(
+    rs: &ReplicaSet,
+    db: &str,
+    receiver: &str,
+    chat: &str,
+    n: usize,
+) -> (msgbuf::Store, Vec<msgbuf::BufferedMessage>) {
+    let store = msgbuf::Store::new(rs.client().await.database(db));
+    store.ensure_indexes().await.expect("indexes");
+    let mut stored = Vec::with_capacity(n);
+    for start in (0..n).step_by(1000) {
+        let batch: Vec<_> = (start..n.min(start + 1000))
+            .map(|i| msgbuf::BufferedMessage::new("alice", receiver, chat, &format!("m{i}"), None))
+            .collect();
+        for r in store.insert_batch(&batch).await {
+            r.expect("insert");
+        }
+        stored.extend(batch);
+    }
+    (store, stored)
+}
+
 /// An msgbuf instance as a child process of the test (so it can be killed, frozen, restarted).
 pub struct ProcInstance {
     pub id: String,

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use http::{http, http_get, json};
-pub use instance::{messages, msgbuf_command, test_config, Instance, ProcInstance};
+pub use instance::{messages, msgbuf_command, stored_backlog, test_config, Instance, ProcInstance};
 pub use replica_set::{skip_external, ReplicaSet};
 pub use tokens::{admin_token, auth, expired_token, token, SECRET};
 

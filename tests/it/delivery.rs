@@ -663,14 +663,7 @@ async fn a_drain_acked_as_it_is_read_is_recorded_one_write_per_message() {
     const N: usize = 2000;
     let rs = ReplicaSet::start(1).await;
     let db = db_name("drain_acked");
-    let store = msgbuf::Store::new(rs.client().await.database(&db));
-    store.ensure_indexes().await.expect("indexes");
-    let backlog: Vec<_> = (0..N)
-        .map(|i| msgbuf::BufferedMessage::new("alice", "bob", "c", &format!("m{i}"), None))
-        .collect();
-    for r in store.insert_batch(&backlog).await {
-        r.expect("insert");
-    }
+    let (store, backlog) = stored_backlog(&rs, &db, "bob", "c", N).await;
     let a = Instance::start(test_config(&rs, &db, "A")).await;
     let (mut bob, joined) = a.join("bob").await;
     assert_eq!(joined["pending"], N);
@@ -703,14 +696,7 @@ async fn a_drain_goes_on_when_its_client_stops_acking() {
     const N: usize = 2500;
     let rs = ReplicaSet::start(1).await;
     let db = db_name("drain_ack_stall");
-    let store = msgbuf::Store::new(rs.client().await.database(&db));
-    store.ensure_indexes().await.expect("indexes");
-    let backlog: Vec<_> = (0..N)
-        .map(|i| msgbuf::BufferedMessage::new("alice", "bob", "c", &format!("m{i}"), None))
-        .collect();
-    for r in store.insert_batch(&backlog).await {
-        r.expect("insert");
-    }
+    let (store, backlog) = stored_backlog(&rs, &db, "bob", "c", N).await;
     let a = Instance::start(test_config(&rs, &db, "A")).await;
     let (mut bob, joined) = a.join("bob").await;
     assert_eq!(joined["pending"], N);

@@ -17,22 +17,8 @@ const BACKLOG: usize = 20_000;
 async fn a_large_drain_completes_to_a_client_that_acks_each_message_with_a_blocking_send() {
     let rs = ReplicaSet::start(1).await;
     let db = db_name("acking_drain");
-    // Stored before the instance starts: the backlog is all pending, none of it streamed.
-    let store = msgbuf::Store::new(rs.client().await.database(&db));
-    store.ensure_indexes().await.expect("indexes");
-    let mut inserted = Vec::with_capacity(BACKLOG);
-    for chunk in 0..BACKLOG / 1000 {
-        let batch: Vec<_> = (0..1000)
-            .map(|i| {
-                let text = format!("backlog {}", chunk * 1000 + i);
-                msgbuf::BufferedMessage::new("alice", "bob", "c1", &text, None)
-            })
-            .collect();
-        for r in store.insert_batch(&batch).await {
-            r.expect("insert");
-        }
-        inserted.extend(batch.iter().map(|m| m.id.to_hex()));
-    }
+    let (_, backlog) = stored_backlog(&rs, &db, "bob", "c1", BACKLOG).await;
+    let inserted: Vec<String> = backlog.iter().map(|m| m.id.to_hex()).collect();
     let a = Instance::start(test_config(&rs, &db, "A")).await;
 
     // Small kernel buffers on the client side: the server's writes and the client's acks
