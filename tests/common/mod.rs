@@ -45,6 +45,29 @@ pub fn id_of(data: &serde_json::Value) -> String {
     data["id"].as_str().expect("an id").to_owned()
 }
 
+/// The next `n` chat messages on `c`, each within `timeout`; the `i`-th is acked as it is
+/// read when `ack(i)`.
+pub async fn receive_chat(
+    c: &mut msgbuf::client::WsClient,
+    n: usize,
+    timeout: Duration,
+    ack: impl Fn(usize) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = c
+            .expect("chat_message", timeout)
+            .await
+            .expect("chat_message")
+            .data;
+        if ack(got.len()) {
+            c.ack(&[id_of(&m)]).await.expect("ack");
+        }
+        got.push(m);
+    }
+    got
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

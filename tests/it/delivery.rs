@@ -667,13 +667,11 @@ async fn a_drain_acked_as_it_is_read_is_recorded_one_write_per_message() {
     let a = Instance::start(test_config(&rs, &db, "A")).await;
     let (mut bob, joined) = a.join("bob").await;
     assert_eq!(joined["pending"], N);
-    let mut got = Vec::new();
-    while got.len() < N {
-        let m = bob.expect("chat_message", T).await.expect("drained");
-        let id = id_of(&m.data);
-        bob.ack(std::slice::from_ref(&id)).await.expect("ack");
-        got.push(id);
-    }
+    let got: Vec<String> = receive_chat(&mut bob, N, T, |_| true)
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
     let sent: Vec<String> = backlog.iter().map(|m| m.id.to_hex()).collect();
     assert_eq!(got, sent, "all, oldest first, each once");
     let counts = wait_for("every message recorded delivered and acked", T, || async {
@@ -700,15 +698,12 @@ async fn a_drain_goes_on_when_its_client_stops_acking() {
     let a = Instance::start(test_config(&rs, &db, "A")).await;
     let (mut bob, joined) = a.join("bob").await;
     assert_eq!(joined["pending"], N);
-    let mut got = Vec::new();
-    while got.len() < N {
-        let m = bob.expect("chat_message", T).await.expect("drained");
-        let id = id_of(&m.data);
-        if got.is_empty() {
-            bob.ack(std::slice::from_ref(&id)).await.expect("ack");
-        }
-        got.push(id);
-    }
+    let first_only = |i| i == 0;
+    let got: Vec<String> = receive_chat(&mut bob, N, T, first_only)
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
     let sent: Vec<String> = backlog.iter().map(|m| m.id.to_hex()).collect();
     assert_eq!(got, sent, "all, oldest first, each once");
     let counts = wait_for("every message recorded delivered", T, || async {
