@@ -97,15 +97,11 @@ async fn offline_receiver_gets_all_oldest_first_once_on_either_instance() {
     }
     let (mut bob, joined) = b.join("bob").await;
     assert_eq!(joined["pending"], N);
-    let mut got = Vec::new();
-    while got.len() < N {
-        got.push(
-            bob.expect("chat_message", T).await.expect("drained").data["id"]
-                .as_str()
-                .expect("id")
-                .to_owned(),
-        );
-    }
+    let got: Vec<String> = receive_chat(&mut bob, N, T, |_| false)
+        .await
+        .iter()
+        .map(id_of)
+        .collect();
     assert_eq!(got, sent, "all, oldest first, each once");
     let coll = messages(&rs, &db).await;
     wait_for("all claimed", T, || async {
